@@ -1,0 +1,113 @@
+"""One checkpoint format for every script: a dict saved with torch.save.
+
+    {"config": model config, "kind": "lm" | "instruct" | "classifier", "model_state_dict": weights,
+     ...whatever the kind needs: label_names, max_length, step, optimizer state for resuming...}
+
+Writes are atomic (a temporary file in the same folder, then a rename), so a crash or a full disk
+leaves the previous checkpoint intact. Reads use weights_only=True: a checkpoint can hold tensors
+and plain Python values but never code that runs when it is opened.
+"""
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .errors import UserError
+from .model import GPTModel
+
+KINDS = ("lm", "instruct", "classifier")
+HOW_TO_MAKE_ONE = (
+    "make one with `python train.py`, `python get_gpt_weights.py --model 124M --save checkpoints/gpt2-124M.pt`, "
+    "or a fine-tuning script"
+)
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, foreign, or of the wrong kind."""
+
+
+def unwrap(model):
+    """The GPTModel inside DistributedDataParallel and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_checkpoint(path, model, kind, **extra):
+    """Write `model` (config and weights) plus `extra` entries to `path` atomically."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    model = unwrap(model)
+    payload = {"config": model.config, "kind": kind, "model_state_dict": model.state_dict(), **extra}
+    atomic_save(payload, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CheckpointError(f"could not write {path}: {error.strerror or error}; any previous file there is unchanged") from None
+        raise
+
+
+def read_checkpoint(path, kinds=None, map_location="cpu"):
+    """The checkpoint dict at `path`, checked to be one of ours (and of one of `kinds`, if given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; {HOW_TO_MAKE_ONE}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Weights only" in str(error):
+            raise CheckpointError(
+                f"refused to open {path}: it holds Python objects, not just tensors, and loading it could run "
+                "code (torch.load weights_only=True). Only open checkpoints written by this project."
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch.save file)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch.save file)") from None
+    if not isinstance(checkpoint, dict) or not {"config", "kind", "model_state_dict"} <= checkpoint.keys():
+        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project (no config/kind/model_state_dict)")
+    if kinds is not None and checkpoint["kind"] not in kinds:
+        raise CheckpointError(
+            f"{path} is a {checkpoint['kind']!r} checkpoint, but this needs {' or '.join(repr(k) for k in kinds)}"
+        )
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    """Build the GPTModel a checkpoint dict describes."""
+    try:
+        return GPTModel.from_state_dict(checkpoint["config"], checkpoint["model_state_dict"])
+    except (ConfigError, RuntimeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: the weights do not fit the config stored with them ({error})") from None
+
+
+def load_checkpoint(path, device="cpu", kinds=None):
+    """The model stored at `path`, in eval mode on `device`.
+
+    model.config is its config, model.kind its kind, and model.metadata the checkpoint's other small
+    entries (label names, max length, data settings...).
+    """
+    checkpoint = read_checkpoint(path, kinds)
+    model = model_from_checkpoint(checkpoint, path).to(device).eval()
+    model.kind = checkpoint["kind"]
+    model.metadata = {
+        key: value
+        for key, value in checkpoint.items()
+        if key not in ("config", "kind", "model_state_dict") and not key.endswith("state_dict") and key != "train_state"
+    }
+    return model

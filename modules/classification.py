@@ -1,0 +1,41 @@
+"""Classification with a GPT: the head reads the hidden state of a message's last real token.
+
+Causal attention means only the last token has seen the whole message, so that is the position to
+classify from. In a padded batch the last position is padding (the original read position -1 and so
+classified padding); here each message is read at its own last real token.
+"""
+import torch
+
+from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
+
+
+def encode_for_classification(texts, max_length, tokenizer=None):
+    """Token ids of each text truncated to `max_length`, right-padded with <|endoftext|> into one batch.
+
+    Returns (input_ids, lengths): lengths are the number of real tokens, at least 1 (an empty text is
+    read as a lone <|endoftext|>)."""
+    tokenizer = tokenizer or get_tokenizer()
+    encoded = [encode(text, tokenizer)[:max_length] or [END_OF_TEXT_ID] for text in texts]
+    longest = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), longest), END_OF_TEXT_ID, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+    return input_ids, torch.tensor([len(ids) for ids in encoded])
+
+
+def last_token_logits(model, input_ids, lengths):
+    """(batch, num_classes) logits read at each sequence's last real token (position length - 1)."""
+    logits = model(input_ids)
+    return logits[torch.arange(len(lengths), device=logits.device), lengths.to(logits.device) - 1]
+
+
+@torch.inference_mode()
+def classify(model, text, tokenizer=None):
+    """(label, probability) for one text with a "classifier" checkpoint loaded by load_checkpoint."""
+    device = next(model.parameters()).device
+    max_length = model.metadata.get("max_length", model.config["context_size"])
+    input_ids, lengths = encode_for_classification([text], max_length, tokenizer)
+    probabilities = last_token_logits(model, input_ids.to(device), lengths).softmax(dim=-1)[0]
+    best = int(probabilities.argmax())
+    label_names = model.metadata.get("label_names") or [str(index) for index in range(len(probabilities))]
+    return label_names[best], float(probabilities[best])

@@ -1,0 +1,67 @@
+"""Model sizes.
+
+The four GPT-2 sizes are OpenAI's hparams.json with the original project's key names:
+n_vocab -> vocab_size, n_ctx -> context_size, n_embd -> embedding_dim, n_head -> num_heads,
+n_layer -> num_layers. GPT-2 has a bias on the query/key/value projection, so qkv_bias is True.
+The small presets train on a laptop CPU in minutes; they keep GPT-2's vocabulary so every model
+here shares one tokenizer.
+"""
+import json
+from pathlib import Path
+
+REQUIRED_KEYS = ("vocab_size", "context_size", "embedding_dim", "num_heads", "num_layers", "drop_rate", "qkv_bias")
+
+_GPT2 = {"vocab_size": 50257, "context_size": 1024, "drop_rate": 0.1, "qkv_bias": True}
+
+GPT_CONFIGS = {
+    "124M": {**_GPT2, "embedding_dim": 768, "num_heads": 12, "num_layers": 12},
+    "355M": {**_GPT2, "embedding_dim": 1024, "num_heads": 16, "num_layers": 24},
+    "774M": {**_GPT2, "embedding_dim": 1280, "num_heads": 20, "num_layers": 36},
+    "1558M": {**_GPT2, "embedding_dim": 1600, "num_heads": 25, "num_layers": 48},
+    # CPU presets: "tiny" is what `python train.py` trains by default, "small" a step up.
+    "tiny": {**_GPT2, "context_size": 256, "embedding_dim": 192, "num_heads": 6, "num_layers": 4, "drop_rate": 0.0},
+    "small": {**_GPT2, "context_size": 512, "embedding_dim": 384, "num_heads": 6, "num_layers": 6, "drop_rate": 0.1},
+}
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot build a GPTModel."""
+
+
+def validate_config(config):
+    """Check that a config dict describes a buildable model; return it unchanged."""
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise ConfigError(f"the model config lacks {', '.join(missing)} (a config needs {', '.join(REQUIRED_KEYS)})")
+    for key in ("vocab_size", "context_size", "embedding_dim", "num_heads", "num_layers"):
+        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
+            raise ConfigError(f"the model config's {key} must be a positive integer, not {config[key]!r}")
+    if config["embedding_dim"] % config["num_heads"]:
+        raise ConfigError(
+            f"embedding_dim ({config['embedding_dim']}) must be divisible by num_heads ({config['num_heads']}): "
+            "each head gets embedding_dim / num_heads dimensions"
+        )
+    if not 0.0 <= float(config["drop_rate"]) < 1.0:
+        raise ConfigError(f"drop_rate must be in [0, 1), not {config['drop_rate']!r}")
+    num_classes = config.get("num_classes")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+        raise ConfigError(f"num_classes must be an integer >= 2, not {num_classes!r}")
+    return config
+
+
+def resolve_config(name_or_path):
+    """A GPT_CONFIGS name, or the path of a JSON file holding a config dict (missing keys come from "124M")."""
+    if name_or_path in GPT_CONFIGS:
+        return dict(GPT_CONFIGS[name_or_path])
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        raise ConfigError(f"unknown config {name_or_path!r}: use one of {', '.join(GPT_CONFIGS)} or a .json file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        overrides = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"config file {path} is not valid JSON: {error}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object with keys such as {', '.join(REQUIRED_KEYS)}")
+    return validate_config({**GPT_CONFIGS["124M"], **overrides})

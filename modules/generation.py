@@ -1,0 +1,119 @@
+"""Text generation: one token at a time, each chosen from the model's next-token distribution.
+
+Greedy (temperature 0) takes the most likely token; otherwise logits are divided by the temperature
+(lower = more conservative), optionally restricted to the top_k tokens and/or the smallest set whose
+probability reaches top_p, and a token is sampled. A KV cache keeps the keys and values of the tokens
+already seen, so each step runs the model on one new position instead of the whole sequence.
+"""
+import codecs
+
+import torch
+
+from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
+
+
+def next_token_logits_filter(logits, temperature=0.0, top_k=None, top_p=None):
+    """Scale and truncate (batch, vocab) logits as the sampling settings ask; -inf marks excluded tokens."""
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the best token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """(batch, vocab) logits of the last position -> (batch,) chosen token ids."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probabilities = next_token_logits_filter(logits.float(), temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                  eos_token_id=None, generator=None, attention_mask=None, use_cache=True):
+    """Yield the next token of every sequence, a (batch,) tensor per step.
+
+    input_ids: (batch, tokens). Prompts longer than the context are cropped to their last tokens.
+    attention_mask: (batch, tokens), False on the left padding of shorter prompts in a batch.
+    eos_token_id: a sequence that produced it keeps producing it; the stream stops when all have.
+    generator: a torch.Generator for reproducible sampling.
+    """
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0 (0 is greedy)")
+    context_size = model.config["context_size"]
+    tokens = input_ids[:, -context_size:]
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -context_size:].bool()
+    batch = tokens.shape[0]
+    kv_cache = model.make_kv_cache(batch) if use_cache else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    for _ in range(max_new_tokens):
+        if tokens.shape[1] > context_size:
+            # The window slides: every token's position changes, so the cached keys are stale and the
+            # window is recomputed. Only generation past the context length pays this.
+            tokens = tokens[:, -context_size:]
+            attention_mask = None if attention_mask is None else attention_mask[:, -context_size:]
+            if kv_cache is not None:
+                kv_cache.length = 0
+        if kv_cache is None:
+            logits = model(tokens, attention_mask=attention_mask, last_token_only=True)
+        else:
+            logits = model(tokens[:, kv_cache.length:], kv_cache, attention_mask, last_token_only=True)
+        next_token = pick_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            next_token = next_token.masked_fill(finished, eos_token_id)
+            finished |= next_token == eos_token_id
+        yield next_token
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        if finished.all():
+            return
+
+
+def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
+             generator=None, attention_mask=None, use_cache=True):
+    """The input ids followed by up to `max_new_tokens` new ones, (batch, tokens + new).
+
+    Generation ends early when every sequence has produced `eos_token_id` (which is kept).
+    """
+    new_tokens = list(stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p,
+                                    eos_token_id, generator, attention_mask, use_cache))
+    if not new_tokens:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def stream_text(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
+                stop_at_end_of_text=True):
+    """Yield the continuation of `prompt` as text pieces as soon as they are generated (for the app).
+
+    A character can span several tokens (emoji, accented letters), so bytes are decoded incrementally
+    and a piece is yielded only once it holds whole characters.
+    """
+    tokenizer = get_tokenizer()
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([encode(prompt, tokenizer) or [END_OF_TEXT_ID]], device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    eos = END_OF_TEXT_ID if stop_at_end_of_text else None
+    for token in stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, generator):
+        token_id = token.item()
+        if token_id == eos:
+            break
+        piece = decoder.decode(tokenizer.decode_single_token_bytes(token_id))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail

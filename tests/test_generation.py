@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from modules import GPTModel, GPT_CONFIGS
+from modules.generation import generate, stream_text, stream_tokens
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPTModel({**GPT_CONFIGS["tiny"], "context_size": 32, "num_layers": 2}).eval()
+
+
+def test_greedy_with_cache_equals_without(model):
+    prompt = torch.randint(0, 50257, (2, 7))
+    with_cache = generate(model, prompt, 20)
+    assert torch.equal(with_cache, generate(model, prompt, 20, use_cache=False))
+    assert with_cache.shape == (2, 27) and torch.equal(with_cache[:, :7], prompt)
+
+
+def test_generation_past_the_context_equals_recomputing_every_window(model):
+    prompt = torch.randint(0, 50257, (1, 20))
+    assert torch.equal(generate(model, prompt, 30), generate(model, prompt, 30, use_cache=False))
+
+
+def test_prompt_longer_than_context_is_cropped_not_a_crash(model):
+    prompt = torch.randint(0, 50257, (1, 100))
+    output = generate(model, prompt, 5)
+    assert output.shape == (1, 105)
+    assert torch.equal(output[:, 100:], generate(model, prompt[:, -32:], 5)[:, 32:])
+
+
+def test_sampling_is_reproducible_with_a_generator(model):
+    prompt = torch.randint(0, 50257, (1, 5))
+
+    def sample(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return generate(model, prompt, 15, temperature=1.0, top_k=50, top_p=0.9, generator=generator)
+
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+
+
+def test_top_k_one_is_greedy(model):
+    prompt = torch.randint(0, 50257, (1, 5))
+    assert torch.equal(generate(model, prompt, 10, temperature=0.7, top_k=1), generate(model, prompt, 10))
+
+
+def test_eos_stops_generation(model):
+    prompt = torch.randint(0, 50257, (1, 5))
+    first = generate(model, prompt, 1)[0, -1].item()
+    output = generate(model, prompt, 10, eos_token_id=first)
+    assert output.shape == (1, 6) and output[0, -1].item() == first
+
+
+def test_left_padded_batch_generates_each_prompt_as_alone(model):
+    short, long = torch.randint(0, 50257, (1, 4)), torch.randint(0, 50257, (1, 9))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1)
+    batch = torch.cat([padded, long])
+    mask = torch.ones_like(batch, dtype=torch.bool)
+    mask[0, :5] = False
+    output = generate(model, batch, 12, attention_mask=mask)
+    assert torch.equal(output[0, 9:], generate(model, short, 12)[0, 4:])
+    assert torch.equal(output[1, 9:], generate(model, long, 12)[0, 9:])
+
+
+def test_stream_tokens_yields_one_token_per_step(model):
+    steps = list(stream_tokens(model, torch.randint(0, 50257, (3, 4)), 6))
+    assert len(steps) == 6 and all(step.shape == (3,) for step in steps)
+
+
+def test_stream_text_yields_whole_characters(model):
+    pieces = list(stream_text(model, "Café 🙂", 12, temperature=1.0, seed=3, stop_at_end_of_text=False))
+    assert pieces and all(isinstance(piece, str) for piece in pieces)
+    assert list(stream_text(model, "", 3)) is not None  # an empty prompt starts from <|endoftext|>
