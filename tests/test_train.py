@@ -1,0 +1,113 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from modules.checkpoint import load_checkpoint, read_checkpoint
+from modules.data import load_tokens
+from modules.errors import UserError
+
+
+def micro_train_args(corpus, config, out, *extra):
+    return ["train.py", "--data", corpus, "--init", "scratch", "--config", config, "--out", out,
+            "--batch-size", "4", "--eval-batches", "2", "--sample-tokens", "0", *extra]
+
+
+def test_defaults_shortened_produce_checkpoint_plot_metrics_and_falling_loss(tmp_path):
+    out = tmp_path / "pretrained.pt"
+    result = run_script("train.py", "--max-steps", "20", "--eval-interval", "10", "--eval-batches", "2", "--out", out)
+    assert "sample:" in result.stderr + result.stdout
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    first, last = metrics["evaluations"][0], metrics["evaluations"][-1]
+    assert metrics["steps"] == 20 and last["val_loss"] < 9.0 < 10.5 < read_checkpoint(out.with_suffix(".last.pt"))["train_state"]["step_losses"][0][2]
+    assert last["val_loss"] < first["val_loss"] and metrics["train_loss"] == last["train_loss"]
+    assert out.with_suffix(".loss.png").stat().st_size > 10_000
+    model = load_checkpoint(out, kinds=("lm",))
+    assert model.config["context_size"] == 256 and model.metadata["step"] == 20
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, small_corpus, micro_config):
+    common = ["--max-steps", "3", "--eval-interval", "3", "--lr", "1e-2"]
+    run_script(*micro_train_args(small_corpus, micro_config, tmp_path / "one.pt", *common))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *map(str, micro_train_args(small_corpus, micro_config, tmp_path / "two.pt", *common))],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    one = read_checkpoint(tmp_path / "one.last.pt")["model_state_dict"]
+    two = read_checkpoint(tmp_path / "two.last.pt")["model_state_dict"]
+    assert max((one[name] - two[name]).abs().max().item() for name in one) < 1e-5
+    initial = read_checkpoint(tmp_path / "one.last.pt")["train_state"]["step_losses"][0][2]
+    assert read_checkpoint(tmp_path / "two.last.pt")["train_state"]["step_losses"][0][2] == pytest.approx(initial, abs=1e-5)
+
+
+def test_ctrl_c_saves_and_resume_continues_the_same_loss_sequence(tmp_path, small_corpus, micro_config):
+    steps = ["--max-steps", "30", "--eval-interval", "2"]
+    run_script(*micro_train_args(small_corpus, micro_config, tmp_path / "whole.pt", *steps))
+    whole = read_checkpoint(tmp_path / "whole.last.pt")["train_state"]["step_losses"]
+
+    out = tmp_path / "cut.pt"
+    process = subprocess.Popen([sys.executable, *map(str, micro_train_args(small_corpus, micro_config, out, *steps))],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not out.with_suffix(".last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    interrupted_at = read_checkpoint(out.with_suffix(".last.pt"))["step"]
+    if process.returncode == 0:
+        pytest.skip("training finished before the interrupt arrived")
+    assert process.returncode == 130 and "--resume" in stdout and "Traceback" not in stderr
+    assert interrupted_at < 30
+
+    run_script(*micro_train_args(small_corpus, micro_config, out, *steps, "--resume"))
+    resumed = read_checkpoint(out.with_suffix(".last.pt"))["train_state"]["step_losses"]
+    assert len(resumed) == len(whole) == 30
+    np.testing.assert_allclose([loss for *_, loss in resumed], [loss for *_, loss in whole], rtol=0, atol=1e-6)
+
+
+def test_token_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, small_corpus):
+    tokens = load_tokens(small_corpus)
+    cache = small_corpus.with_name("corpus.txt.tokens.bin")
+    assert cache.is_file() and isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
+    built = cache.stat().st_mtime_ns
+    load_tokens(small_corpus)
+    assert cache.stat().st_mtime_ns == built
+    small_corpus.write_text(small_corpus.read_text() + "\nA new line.")
+    assert len(load_tokens(small_corpus)) > len(tokens)
+
+
+def test_folder_and_bin_inputs(tmp_path, small_corpus):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Hello there.")
+    (folder / "b.txt").write_text("General Kenobi.")
+    tokens = load_tokens(folder)
+    assert 50256 in tokens.tolist()  # files are separated by <|endoftext|>
+    binary = tmp_path / "tokens.bin"
+    np.array([1, 2, 3], dtype=np.uint16).tofile(binary)
+    assert load_tokens(binary).tolist() == [1, 2, 3]
+
+
+def test_corpus_smaller_than_a_context_says_how_much_is_needed(tmp_path, micro_config):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Too short.")
+    result = run_script(*micro_train_args(tiny, micro_config, tmp_path / "m.pt"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "too few for a context of 32" in result.stderr and "needs at least" in result.stderr
+
+
+def test_missing_data_and_resume_without_checkpoint(tmp_path, small_corpus, micro_config):
+    result = run_script("train.py", "--data", tmp_path / "nope.txt", check=False)
+    assert result.returncode == 1 and "nope.txt does not exist" in result.stderr
+    result = run_script(*micro_train_args(small_corpus, micro_config, tmp_path / "m.pt", "--resume"), check=False)
+    assert result.returncode == 1 and "nothing to resume" in result.stderr
+    with pytest.raises(UserError, match="too few"):
+        from modules.data import train_val_windows
+        train_val_windows(np.zeros(10, np.uint16), 32, 0.1)
