@@ -63,13 +63,16 @@ def atomic_save(obj, path):
         raise
 
 
-def read_checkpoint(path, kinds=None, map_location="cpu"):
-    """The checkpoint dict at `path`, checked to be one of ours (and of one of `kinds`, if given)."""
+def read_checkpoint(path, kinds=None, map_location="cpu", mmap=False):
+    """The checkpoint dict at `path`, checked to be one of ours (and of one of `kinds`, if given).
+
+    mmap=True maps the weights instead of reading them: cheap when only the config, kind or
+    metadata are needed (the app's checkpoint list), whatever the model's size."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; {HOW_TO_MAKE_ONE}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if "weights_only" in str(error) or "Weights only" in str(error):
             raise CheckpointError(
@@ -77,7 +80,7 @@ def read_checkpoint(path, kinds=None, map_location="cpu"):
                 "code (torch.load weights_only=True). Only open checkpoints written by this project."
             ) from None
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch.save file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError):
+    except Exception:  # garbage fails anywhere in the unpickler: RuntimeError, EOFError, struct.error...
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch.save file)") from None
     if not isinstance(checkpoint, dict) or not {"config", "kind", "model_state_dict"} <= checkpoint.keys():
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project (no config/kind/model_state_dict)")

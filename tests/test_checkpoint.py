@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modules import GPTModel, GPT_CONFIGS
-from modules.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from modules.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 1, "context_size": 16}
 
@@ -73,3 +73,18 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, GPTModel(CONFIG), "lm", step=2)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+@pytest.mark.parametrize("data", [b"", b"junk", b"\x80\x02", b"PK\x03\x04junk"])
+def test_garbage_is_reported_as_unreadable(tmp_path, data):
+    (tmp_path / "garbage.pt").write_bytes(data)
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match="garbage.pt is not a readable checkpoint"):
+            read_checkpoint(tmp_path / "garbage.pt", mmap=mmap)
+
+
+def test_mmap_read_gives_the_same_header(tmp_path):
+    save_checkpoint(tmp_path / "model.pt", GPTModel(CONFIG), "classifier", label_names=["ham", "spam"])
+    checkpoint = read_checkpoint(tmp_path / "model.pt", kinds=("classifier",), mmap=True)
+    assert checkpoint["kind"] == "classifier" and checkpoint["label_names"] == ["ham", "spam"]
+    assert checkpoint["config"] == CONFIG

@@ -1,0 +1,198 @@
+"""A Streamlit app over every checkpoint: text completion, instruction following, spam detection.
+
+    streamlit run app.py                                  # checkpoints under checkpoints/
+    streamlit run app.py -- --checkpoints-dir DIR --device cpu
+
+The checkpoint's kind picks the page: "lm" completes a text, "instruct" answers an instruction in the
+Alpaca format, "classifier" labels a message. Everything else comes from modules/.
+"""
+import argparse
+import functools
+import itertools
+import re
+import sys
+from pathlib import Path
+
+import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+from modules.checkpoint import KINDS, CheckpointError, load_checkpoint, read_checkpoint
+from modules.classification import classify
+from modules.device import get_device
+from modules.errors import UserError
+from modules.generation import stream_text
+from modules.instructions import format_prompt
+
+# Sampling makes a small pretrained model read better; instruction tuning is judged on greedy answers,
+# as in the original. Each kind keeps its own widget values.
+GENERATION_DEFAULTS = {
+    "lm": {"max_new_tokens": 100, "temperature": 0.8, "top_k": 50},
+    "instruct": {"max_new_tokens": 256, "temperature": 0.0, "top_k": 0},
+}
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:&])")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Streamlit app over the checkpoints: run it with `streamlit run app.py [-- FLAGS]`.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--checkpoints-dir", default="checkpoints",
+                        help="folder searched recursively for *.pt checkpoints (default: checkpoints)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    return parser
+
+
+def find_checkpoints(folder):
+    """Every *.pt under `folder`, as paths relative to it; hidden files and folders (such as the
+    temporary files of a checkpoint being written) are skipped."""
+    folder = Path(folder)
+    paths = (path.relative_to(folder) for path in folder.rglob("*.pt") if path.is_file())
+    return sorted(str(path) for path in paths if not any(part.startswith(".") for part in path.parts))
+
+
+@functools.lru_cache(maxsize=1024)
+def checkpoint_kind(path, mtime_ns):
+    """The kind of the checkpoint at `path`, or None when it cannot be used. Only the header is read
+    (mmap), so listing large checkpoints stays instant; mtime_ns renews the answer when the file changes."""
+    try:
+        return read_checkpoint(path, kinds=KINDS, mmap=True)["kind"]
+    except CheckpointError:
+        return None
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model...")
+def load_model(path, mtime_ns, device):
+    """The model at `path`, loaded once per file version (mtime_ns) and device, shared by all sessions."""
+    return load_checkpoint(path, device=device, kinds=KINDS)
+
+
+def plain_text_as_markdown(text):
+    """Generated text is plain text, but st.write_stream renders Markdown: escape its special characters
+    and keep single line breaks, which Markdown would join into one line."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("\n", "  \n")
+
+
+def show_how_to_make_a_checkpoint(folder):
+    st.info(f"No checkpoint found in `{Path(folder).resolve()}` yet. Make one, then reload this page:")
+    st.code(
+        "python train.py                     # pretrain a small GPT (minutes on a CPU)\n"
+        "python get_gpt_weights.py --model 124M --save checkpoints/gpt2-124M.pt\n"
+        "python fine_tune_classifier.py      # a spam classifier\n"
+        "python fine_tune_instructional.py   # an instruction follower",
+        language="bash",
+    )
+    st.caption("Checkpoints elsewhere: `streamlit run app.py -- --checkpoints-dir DIR`.")
+
+
+def pick_checkpoint(folder, names):
+    """The sidebar's checkpoint picker, on the first usable checkpoint; unreadable files are listed as such."""
+    kinds = {name: checkpoint_kind(str(Path(folder, name)), Path(folder, name).stat().st_mtime_ns) for name in names}
+    first_usable = next((index for index, name in enumerate(names) if kinds[name]), 0)
+    name = st.sidebar.selectbox("Checkpoint", names, index=first_usable, key="checkpoint",
+                                format_func=lambda name: f"{name} · {kinds[name] or 'unreadable'}")
+    return Path(folder, name)
+
+
+def generation_settings(kind):
+    """Sidebar controls, returned as stream_text's keyword arguments."""
+    defaults = GENERATION_DEFAULTS[kind]
+    sidebar = st.sidebar
+    max_new_tokens = sidebar.slider("Max new tokens", 1, 1024, defaults["max_new_tokens"], key=f"{kind}_tokens")
+    temperature = sidebar.slider("Temperature", 0.0, 2.0, defaults["temperature"], step=0.05,
+                                 key=f"{kind}_temperature", help="0 is greedy: always the most likely token")
+    top_k = sidebar.number_input("Top-k", 0, 50257, defaults["top_k"], key=f"{kind}_top_k",
+                                 help="sample among the k most likely tokens; 0 = all")
+    top_p = sidebar.slider("Top-p", 0.05, 1.0, 1.0, step=0.05, key=f"{kind}_top_p",
+                           help="sample among the most likely tokens that together reach p; 1 = all")
+    seed = sidebar.number_input("Seed", min_value=0, value=None, step=1, placeholder="random", key=f"{kind}_seed",
+                                help="the same seed and settings give the same text (sampling only)")
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k or None,
+            "top_p": top_p if top_p < 1.0 else None, "seed": seed}
+
+
+def complete_text(model):
+    """kind "lm": the prompt followed by its continuation, streamed as it is generated."""
+    settings = generation_settings("lm")
+    prompt = st.text_area("Prompt", "Every effort moves you")
+    if not st.button("Generate", type="primary"):
+        return
+    if not prompt.strip():
+        st.warning("Type a prompt first.")
+        return
+    with st.container(border=True, key="output"):
+        pieces = itertools.chain([prompt], stream_text(model, prompt, **settings))
+        st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
+
+
+def follow_instruction(model):
+    """kind "instruct": the original's Alpaca prompt; the answer ends at <|endoftext|>."""
+    settings = generation_settings("instruct")
+    instruction = st.text_area("Instruction", "Rewrite the sentence using a simile.")
+    input_text = st.text_area("Input (optional)", "The car is very fast.")
+    if not st.button("Answer", type="primary"):
+        return
+    if not instruction.strip():
+        st.warning("Type an instruction first.")
+        return
+    prompt = format_prompt({"instruction": instruction, "input": input_text.strip()})
+    with st.expander("The prompt the model sees"):
+        st.text(prompt)
+    with st.container(border=True, key="output"):
+        st.write_stream(plain_text_as_markdown(piece) for piece in stream_text(model, prompt, **settings))
+
+
+def detect_spam(model):
+    """kind "classifier": the most likely label of a message and its probability."""
+    labels = model.metadata.get("label_names") or []
+    if labels:
+        st.caption(f"Labels: {', '.join(labels)}")
+    text = st.text_area("Message", "You are a winner! Claim your free prize now by calling 0800 123 456.")
+    if not st.button("Classify", type="primary"):
+        return
+    if not text.strip():
+        st.warning("Type a message first.")
+        return
+    label, probability = classify(model, text)
+    verdict, confidence = st.columns(2)
+    verdict.metric("Verdict", label)
+    confidence.metric("Probability", f"{probability:.1%}")
+
+
+PAGES = {"lm": complete_text, "instruct": follow_instruction, "classifier": detect_spam}
+TITLES = {"lm": "Text completion", "instruct": "Instruction following", "classifier": "Spam detector"}
+
+
+def main():
+    st.set_page_config(page_title="GPT-2 from scratch", page_icon="✍️")
+    st.title("GPT-2 from scratch")
+    args, unknown = build_parser().parse_known_args(sys.argv[1:])
+    if unknown:
+        st.warning(f"Ignored unknown arguments: {' '.join(unknown)} (`python app.py --help` lists the flags)")
+    names = find_checkpoints(args.checkpoints_dir)
+    if not names:
+        show_how_to_make_a_checkpoint(args.checkpoints_dir)
+        return
+    path = pick_checkpoint(args.checkpoints_dir, names)
+    try:
+        device = get_device(args.device)
+        model = load_model(str(path), path.stat().st_mtime_ns, str(device))
+    except UserError as error:  # CheckpointError included: the other checkpoints stay usable
+        st.error(str(error))
+        return
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    st.header(TITLES[model.kind])
+    st.caption(f"`{path}` · {model.kind} · {parameters / 1e6:.1f}M parameters · {device}")
+    PAGES[model.kind](model)
+
+
+if __name__ == "__main__":
+    if get_script_run_ctx(suppress_warning=True) is not None:  # under `streamlit run` (or AppTest)
+        main()
+    else:
+        # `python app.py [FLAGS]`: answer --help and reject unknown flags here, then start the server.
+        build_parser().parse_args()
+        from streamlit.web import cli
+
+        sys.argv = ["streamlit", "run", __file__, "--", *sys.argv[1:]]
+        sys.exit(cli.main())
