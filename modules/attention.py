@@ -4,6 +4,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .linear import Linear
+
 
 class KVCache:
     """The keys and values every layer has computed so far, so a new token costs one position.
@@ -70,8 +72,8 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = config["embedding_dim"] // config["num_heads"]
         self.layer_index = layer_index  # where this layer's entries live in a KVCache
         self.drop_rate = config["drop_rate"]
-        self.qkv_proj = nn.Linear(config["embedding_dim"], 3 * config["embedding_dim"], bias=config["qkv_bias"])
-        self.out_proj = nn.Linear(config["embedding_dim"], config["embedding_dim"])
+        self.qkv_proj = Linear(config["embedding_dim"], 3 * config["embedding_dim"], bias=config["qkv_bias"])
+        self.out_proj = Linear(config["embedding_dim"], config["embedding_dim"])
         self.resid_dropout = nn.Dropout(config["drop_rate"])
 
     def forward(self, x, kv_cache=None, mask=None):

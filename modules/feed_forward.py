@@ -1,6 +1,8 @@
 from torch import nn
 from torch.nn import functional as F
 
+from .linear import Linear
+
 
 class GELU(nn.Module):
     """GPT-2's GELU, the tanh approximation:
@@ -21,9 +23,9 @@ class FeedForward(nn.Module):
     def __init__(self, config):
         super().__init__()
         hidden_dim = 4 * config["embedding_dim"]
-        self.expand = nn.Linear(config["embedding_dim"], hidden_dim)
+        self.expand = Linear(config["embedding_dim"], hidden_dim)
         self.activation = GELU()
-        self.project = nn.Linear(hidden_dim, config["embedding_dim"])
+        self.project = Linear(hidden_dim, config["embedding_dim"])
 
     def forward(self, x):
         return self.project(self.activation(self.expand(x)))

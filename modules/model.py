@@ -6,6 +6,7 @@ from torch import nn
 from .attention import KVCache
 from .config import validate_config
 from .layer_norm import LayerNorm
+from .linear import Linear
 from .transformer import TransformerBlock
 
 
@@ -27,9 +28,9 @@ class GPTModel(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(config, index) for index in range(config["num_layers"]))
         self.final_norm = LayerNorm(embedding_dim)
         if config.get("num_classes"):
-            self.out_head = nn.Linear(embedding_dim, config["num_classes"])
+            self.out_head = Linear(embedding_dim, config["num_classes"])
         else:
-            self.out_head = nn.Linear(embedding_dim, config["vocab_size"], bias=False)
+            self.out_head = Linear(embedding_dim, config["vocab_size"], bias=False)
             self.out_head.weight = self.token_embedding.weight
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * layers), so the

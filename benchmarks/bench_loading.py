@@ -1,0 +1,125 @@
+"""W3, loading: wall time and memory of turning an OpenAI GPT-2 checkpoint (TensorFlow, written here in
+OpenAI's exact layout with random weights) into a GPTModel, each load in a fresh process after its imports:
+get_gpt_weights.load_gpt2 against the original project's approach (a randomly initialised GPTModel,
+then every TensorFlow variable read with tf.train.load_variable and copied into its parameter).
+
+    python benchmarks/bench_loading.py                     # 124M
+    python benchmarks/bench_loading.py --size 355M
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `modules`
+
+import torch  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    Row, add_common_args, benchmark_config, common_flags, current_rss_bytes, peak_rss_bytes, print_table,
+    reference_model, report_from_worker, run_worker, setup,
+)
+from modules.errors import run_main  # noqa: E402
+
+TARGET_TIME_RATIO = 0.5  # of the original approach's load time
+TARGET_MEMORY_FACTOR = 1.3  # RSS growth while loading, in fp32 weight bytes
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="fresh-process loads per side, alternating (default: 3; 1 with --quick)")
+    parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    return args
+
+
+def write_checkpoint(config, seed, model_dir):
+    """An OpenAI-layout checkpoint of the config's shape with random weights."""
+    from tests.openai_layout import gpt2_tensors_from_transformers, hparams_from_transformers, write_openai_checkpoint
+
+    reference = reference_model(config, seed, "cpu")
+    write_openai_checkpoint(gpt2_tensors_from_transformers(reference), hparams_from_transformers(reference.config),
+                            model_dir)
+
+
+def load_like_the_original(model_dir):
+    """The original project's loader: build a GPTModel with random weights, then read each TensorFlow
+    variable on its own with tf.train.load_variable and copy it into the matching parameter."""
+    import json
+
+    import numpy as np
+    import tensorflow as tf
+
+    from get_gpt_weights import gpt2_name_to_ours
+    from modules import GPTModel
+
+    hparams = json.loads((model_dir / "hparams.json").read_text())
+    config = {"vocab_size": hparams["n_vocab"], "context_size": hparams["n_ctx"], "embedding_dim": hparams["n_embd"],
+              "num_heads": hparams["n_head"], "num_layers": hparams["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
+    model = GPTModel(config)
+    parameters = dict(model.named_parameters())
+    checkpoint = tf.train.latest_checkpoint(str(model_dir))
+    with torch.no_grad():
+        for name, _ in tf.train.list_variables(checkpoint):
+            array = np.squeeze(tf.train.load_variable(checkpoint, name))
+            ours = gpt2_name_to_ours(name.removeprefix("model/"))
+            parameters[ours].copy_(torch.from_numpy(array.T if name.endswith("/w") else array))
+    return model
+
+
+def worker(args):
+    """One load in this fresh process; memory counts from after the imports (TensorFlow included)."""
+    import tensorflow  # noqa: F401  imported here so that neither side's load pays for it
+
+    from get_gpt_weights import load_gpt2
+
+    setup(args)
+    load = load_gpt2 if args.worker == "ours" else load_like_the_original
+    rss_after_imports = current_rss_bytes()
+    start = time.perf_counter()
+    model = load(args.model_dir)
+    seconds = time.perf_counter() - start
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied head counted once
+    report_from_worker({"seconds": seconds, "memory_growth": peak_rss_bytes() - rss_after_imports,
+                        "weight_bytes": weight_bytes})
+
+
+def run(args):
+    """The result rows of W3."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    setup(args)
+    config = benchmark_config(args)
+    with tempfile.TemporaryDirectory(prefix="gpt2-checkpoint-") as model_dir:
+        write_checkpoint(config, args.seed, model_dir)
+        results = {"ours": [], "reference": []}
+        for _ in range(args.repeats):
+            for side in ("reference", "ours"):
+                flags = ["--worker", side, "--model-dir", model_dir, *common_flags(args)]
+                results[side].append(run_worker("bench_loading.py", flags))
+    seconds = {side: [result["seconds"] for result in values] for side, values in results.items()}
+    growth = {side: [result["memory_growth"] / 2**20 for result in values] for side, values in results.items()}
+    weight_mib = results["ours"][0]["weight_bytes"] / 2**20
+    time_row = Row("W3 loading an OpenAI checkpoint, wall time after imports (fresh process)", "s",
+                   seconds["ours"], seconds["reference"], target=f"<= {TARGET_TIME_RATIO}x", digits=2)
+    time_row.met = time_row.ratio <= TARGET_TIME_RATIO
+    memory_row = Row(f"W3 loading, RSS growth (peak - after imports; fp32 weights {weight_mib:,.0f} MiB)", "MiB",
+                     growth["ours"], growth["reference"], target=f"<= {TARGET_MEMORY_FACTOR}x weights (ours)", digits=0)
+    memory_row.met = memory_row.median(growth["ours"]) <= TARGET_MEMORY_FACTOR * weight_mib
+    return [time_row, memory_row]
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        return worker(args)
+    print_table(run(args), f"Loading, {args.size if not args.quick else 'quick'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

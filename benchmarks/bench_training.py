@@ -1,0 +1,158 @@
+"""W2, training: tokens per second of full training steps (forward, next-token cross-entropy, backward,
+AdamW step), ours against transformers' GPT2LMHeadModel on the same weights, batch and optimizer, in
+one process, alternating step by step; model FLOPs utilisation against an fp32 matmul this script
+times on the same threads; then the peak memory of each side in a fresh process.
+
+    python benchmarks/bench_training.py                    # 124M, batch 8 x 256 tokens
+    python benchmarks/bench_training.py --size 355M --device cuda
+
+FLOPs per token (PaLM appendix B, nanoGPT): 6 N + 12 L T d, with N the parameters that multiply
+activations (all but the position embedding; the token embedding is also the output head), L layers,
+T tokens per sequence, d the embedding size. 6 N is 2 N for the forward pass and 4 N for the backward
+pass; 12 L T d is attention's two products (queries x keys, weights x values) over the full T x T square,
+forward and backward.
+"""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `modules`
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    Row, add_common_args, benchmark_config, common_flags, matmul_peak_flops, model_pair, peak_memory_bytes,
+    print_table, reference_model, report_from_worker, run_worker, setup, timed,
+)
+from modules.errors import run_main  # noqa: E402
+from modules.optim import make_optimizer  # noqa: E402
+
+TARGET_MFU = 0.85
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (default: 256; 32 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per side (default: 8; 2 with --quick)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per side first (default: %(default)s)")
+    parser.add_argument("--memory-steps", type=int, default=3,
+                        help="steps of each fresh process that measures peak memory (default: %(default)s)")
+    parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.tokens = args.tokens or (32 if args.quick else 256)
+    args.steps = args.steps or (2 if args.quick else 8)
+    return args
+
+
+def flops_per_token(config, tokens):
+    """Training FLOPs per token, the formula of this file's docstring."""
+    from modules import GPTModel
+
+    with torch.device("meta"):  # counts parameters without allocating them
+        model = GPTModel(config)
+    multiplying = sum(p.numel() for p in model.parameters()) - model.position_embedding.weight.numel()
+    return 6 * multiplying + 12 * config["num_layers"] * tokens * config["embedding_dim"]
+
+
+def make_batch(config, args, device):
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, config["vocab_size"], (args.batch_size, args.tokens + 1), generator=generator).to(device)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def next_token_loss(model, inputs, targets):
+    """Cross-entropy of the next tokens, computed alike for both sides. The logits (411 MB for GPT-2 at
+    8 x 256 tokens) die when this returns, before the backward pass, as in the training loop."""
+    logits = model(inputs)
+    logits = getattr(logits, "logits", logits)  # transformers returns an output object
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def training_step(model, optimizer, inputs, targets):
+    next_token_loss(model, inputs, targets).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def make_step(model, device, inputs, targets):
+    """A function running one training step of `model` with its own optimizer, as train.py builds it."""
+    model.train()
+    optimizer = make_optimizer(model, lr=3e-4, weight_decay=0.1, device=device)
+    return lambda: training_step(model, optimizer, inputs, targets)
+
+
+def training_speeds(args, config, device):
+    """{side: [tokens/s per timed step]}, the sides alternating step by step."""
+    ours, reference = model_pair(config, args.seed, device)
+    inputs, targets = make_batch(config, args, device)
+    steps = {"reference": make_step(reference, device, inputs, targets), "ours": make_step(ours, device, inputs, targets)}
+    speeds = {side: [] for side in steps}
+    for step_index in range(args.warmup_steps + args.steps):
+        for side, step in steps.items():
+            seconds, _ = timed(step, device)
+            if step_index >= args.warmup_steps:
+                speeds[side].append(inputs.numel() / seconds)
+    return speeds
+
+
+def worker(args):
+    """One side alone in this fresh process: a few training steps, then the peak memory."""
+    from modules import GPTModel
+
+    device = setup(args)
+    config = benchmark_config(args)
+    if args.worker == "ours":
+        torch.manual_seed(args.seed)
+        model = GPTModel(config).to(device)
+    else:
+        model = reference_model(config, args.seed, device)
+    step = make_step(model, device, *make_batch(config, args, device))
+    for _ in range(args.memory_steps):
+        step()
+    report_from_worker({"peak_memory": peak_memory_bytes(device)})
+
+
+def run(args):
+    """The result rows of W2."""
+    device = setup(args)
+    config = benchmark_config(args)
+    matmul_size = 512 if args.quick else 4096
+    peaks = [matmul_peak_flops(device, matmul_size)]
+    speeds = training_speeds(args, config, device)
+    peaks.append(matmul_peak_flops(device, matmul_size))  # before and after, in case the machine got busier
+    peak = statistics.median(peaks)
+    flops = flops_per_token(config, args.tokens)
+    shape = f"batch {args.batch_size} x {args.tokens} tokens"
+    speed_row = Row(f"W2 training step, {shape}", "tokens/s", speeds["ours"], speeds["reference"], target=">= 1.0x")
+    speed_row.met = speed_row.ratio >= 1.0
+    utilisation = {side: [100 * speed * flops / peak for speed in values] for side, values in speeds.items()}
+    mfu_row = Row(f"W2 model FLOPs utilisation ({flops / 1e6:,.0f} MFLOP/token; fp32 matmul peak "
+                  f"{peak / 1e9:,.1f} GFLOP/s)", "%", utilisation["ours"], utilisation["reference"],
+                  target=f">= {TARGET_MFU:.0%} (ours)")
+    mfu_row.met = mfu_row.median(mfu_row.ours) >= 100 * TARGET_MFU
+    memory = {side: run_worker("bench_training.py", ["--worker", side, *worker_flags(args)])["peak_memory"] / 2**20
+              for side in ("ours", "reference")}
+    memory_row = Row(f"W2 peak memory, {shape} (fresh process)", "MiB", [memory["ours"]], [memory["reference"]],
+                     target="<= 1.0x", digits=0)
+    memory_row.met = memory_row.ratio <= 1.0
+    return [speed_row, mfu_row, memory_row]
+
+
+def worker_flags(args):
+    return [*common_flags(args), "--batch-size", str(args.batch_size), "--tokens", str(args.tokens),
+            "--memory-steps", str(args.memory_steps)]
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        return worker(args)
+    print_table(run(args), f"Training, {args.size if not args.quick else 'quick'} on {args.device}")
+
+
+if __name__ == "__main__":
+    run_main(main)

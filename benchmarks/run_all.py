@@ -1,0 +1,45 @@
+"""Run every benchmark (generation, training, loading) against its reference and print one Markdown table.
+
+    python benchmarks/run_all.py                   # GPT-2 124M on this machine's CPU (minutes)
+    python benchmarks/run_all.py --size 355M --device cuda
+    python benchmarks/run_all.py --quick           # a tiny model, a few steps: checks that everything runs
+
+Each row gives the median of ours and of the reference, their ratio (ours / reference), the range of the
+runs and the target. The workloads, the FLOP formula and the results are described in the README
+("## Performance"); each benchmarks/bench_*.py also runs alone and has more flags.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `modules`
+
+from benchmarks import bench_generation, bench_loading, bench_training  # noqa: E402
+from benchmarks.common import add_common_args, common_flags, machine_description, markdown_table, setup  # noqa: E402
+from modules.errors import run_main  # noqa: E402
+
+WORKLOADS = {"generation": bench_generation, "training": bench_training, "loading": bench_loading}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
+                        help="which to run (default: all)")
+    args = parser.parse_args()
+    device = setup(args)
+    rows, start = [], time.perf_counter()
+    for name in args.workloads:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        script = WORKLOADS[name]
+        rows += script.run(script.parse_args(common_flags(args)))
+    size = "quick (tiny model)" if args.quick else f"GPT-2 {args.size}"
+    print(f"\n{size}, fp32, {machine_description(device, args.threads)}; "
+          f"{time.perf_counter() - start:.0f} s. Reference: transformers' GPT2LMHeadModel (W1, W2), "
+          "the original project's loader (W3)\n")
+    print(markdown_table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
