@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    Row, add_common_args, benchmark_config, common_flags, model_pair, peak_memory_bytes, print_table,
-    reference_model, report_from_worker, run_worker, setup, timed,
+    Row, add_common_args, benchmark_config, common_flags, model_pair, peak_memory_bytes,
+    reference_model, report_from_worker, run_and_print, run_workers, setup, timed,
 )
 from modules.errors import run_main  # noqa: E402
 from modules.generation import generate  # noqa: E402
@@ -101,11 +101,12 @@ def run(args):
             row.target = f">= {TARGET_SPEEDUP}x, identical tokens"
             row.met = identical and row.ratio >= TARGET_SPEEDUP
         rows.append(row)
-    del sides, ours, reference
-    memory = {side: run_worker("bench_generation.py", ["--worker", side, *worker_flags(args)])["peak_memory"] / 2**20
-              for side in ("ours", "reference")}
-    rows.append(Row(f"W1 peak memory, batch 1, {shape} (fresh process)", "MiB", [memory["ours"]],
-                    [memory["reference"]], digits=0))
+    ours_memory, reference_memory = (
+        result["peak_memory"] / 2**20 for result in run_workers(
+            "bench_generation.py", [["--worker", side, *worker_flags(args)] for side in ("ours", "reference")],
+            parallel=args.quick))
+    rows.append(Row(f"W1 peak memory, batch 1, {shape} (fresh process)", "MiB", [ours_memory], [reference_memory],
+                    digits=0))
     return rows
 
 
@@ -117,7 +118,7 @@ def main():
     args = parse_args()
     if args.worker:
         return worker(args)
-    print_table(run(args), f"Generation, {args.size if not args.quick else 'quick'} on {args.device}")
+    run_and_print(run, args, f"Generation, {args.size if not args.quick else 'quick'} on {args.device}")
 
 
 if __name__ == "__main__":

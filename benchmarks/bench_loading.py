@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    Row, add_common_args, benchmark_config, common_flags, current_rss_bytes, peak_rss_bytes, print_table,
-    reference_model, report_from_worker, run_worker, setup,
+    Row, add_common_args, benchmark_config, common_flags, current_rss_bytes, peak_rss_bytes,
+    reference_model, report_from_worker, run_and_print, run_workers, setup,
 )
 from modules.errors import run_main  # noqa: E402
 
@@ -97,11 +97,11 @@ def run(args):
     config = benchmark_config(args)
     with tempfile.TemporaryDirectory(prefix="gpt2-checkpoint-") as model_dir:
         write_checkpoint(config, args.seed, model_dir)
+        sides = ["reference", "ours"] * args.repeats  # alternating
+        flag_lists = [["--worker", side, "--model-dir", model_dir, *common_flags(args)] for side in sides]
         results = {"ours": [], "reference": []}
-        for _ in range(args.repeats):
-            for side in ("reference", "ours"):
-                flags = ["--worker", side, "--model-dir", model_dir, *common_flags(args)]
-                results[side].append(run_worker("bench_loading.py", flags))
+        for side, result in zip(sides, run_workers("bench_loading.py", flag_lists, parallel=args.quick)):
+            results[side].append(result)
     seconds = {side: [result["seconds"] for result in values] for side, values in results.items()}
     growth = {side: [result["memory_growth"] / 2**20 for result in values] for side, values in results.items()}
     weight_mib = results["ours"][0]["weight_bytes"] / 2**20
@@ -118,7 +118,7 @@ def main():
     args = parse_args()
     if args.worker:
         return worker(args)
-    print_table(run(args), f"Loading, {args.size if not args.quick else 'quick'}")
+    run_and_print(run, args, f"Loading, {args.size if not args.quick else 'quick'}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     Row, add_common_args, benchmark_config, common_flags, matmul_peak_flops, model_pair, peak_memory_bytes,
-    print_table, reference_model, report_from_worker, run_worker, setup, timed,
+    reference_model, report_from_worker, run_and_print, run_workers, setup, timed,
 )
 from modules.errors import run_main  # noqa: E402
 from modules.optim import make_optimizer  # noqa: E402
@@ -52,8 +52,7 @@ def flops_per_token(config, tokens):
     """Training FLOPs per token, the formula of this file's docstring."""
     from modules import GPTModel
 
-    with torch.device("meta"):  # counts parameters without allocating them
-        model = GPTModel(config)
+    model = GPTModel.on_meta_device(config)  # the parameters' shapes, nothing allocated
     multiplying = sum(p.numel() for p in model.parameters()) - model.position_embedding.weight.numel()
     return 6 * multiplying + 12 * config["num_layers"] * tokens * config["embedding_dim"]
 
@@ -134,9 +133,11 @@ def run(args):
                   f"{peak / 1e9:,.1f} GFLOP/s)", "%", utilisation["ours"], utilisation["reference"],
                   target=f">= {TARGET_MFU:.0%} (ours)")
     mfu_row.met = mfu_row.median(mfu_row.ours) >= 100 * TARGET_MFU
-    memory = {side: run_worker("bench_training.py", ["--worker", side, *worker_flags(args)])["peak_memory"] / 2**20
-              for side in ("ours", "reference")}
-    memory_row = Row(f"W2 peak memory, {shape} (fresh process)", "MiB", [memory["ours"]], [memory["reference"]],
+    ours_memory, reference_memory = (
+        result["peak_memory"] / 2**20 for result in run_workers(
+            "bench_training.py", [["--worker", side, *worker_flags(args)] for side in ("ours", "reference")],
+            parallel=args.quick))
+    memory_row = Row(f"W2 peak memory, {shape} (fresh process)", "MiB", [ours_memory], [reference_memory],
                      target="<= 1.0x", digits=0)
     memory_row.met = memory_row.ratio <= 1.0
     return [speed_row, mfu_row, memory_row]
@@ -151,7 +152,7 @@ def main():
     args = parse_args()
     if args.worker:
         return worker(args)
-    print_table(run(args), f"Training, {args.size if not args.quick else 'quick'} on {args.device}")
+    run_and_print(run, args, f"Training, {args.size if not args.quick else 'quick'} on {args.device}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +147,44 @@ def matmul_peak_flops(device, size=4096, repeats=5):
     return 2 * size**3 / seconds
 
 
+class BackgroundLoad:
+    """How busy other processes kept the CPUs while the benchmark ran (Linux; None elsewhere).
+
+    With 2 cores, one busy core slows a multi-threaded kernel several times over (its threads wait for
+    each other) and a single-threaded one hardly at all, so ratios from a busy machine can mislead.
+    Use it as `with BackgroundLoad() as load: ...`, then read `load.fraction`."""
+
+    fraction = None
+
+    @staticmethod
+    def _jiffies():
+        """(busy CPU time of the machine, all CPU time, CPU time of this process and its finished workers)."""
+        with open("/proc/stat") as stat:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+        with open("/proc/self/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ours = sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+        busy = user + nice + system + irq + softirq + steal
+        return busy, busy + idle + iowait, ours
+
+    def __enter__(self):
+        try:
+            self._start = self._jiffies()
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exception):
+        if self._start is not None:
+            (busy, total, ours), (busy0, total0, ours0) = self._jiffies(), self._start
+            self.fraction = max(0, (busy - busy0) - (ours - ours0)) / max(1, total - total0)
+
+    def describe(self):
+        if self.fraction is None:
+            return ""
+        return f"Other processes kept {self.fraction:.0%} of the CPUs busy meanwhile."
+
+
 # ----------------------------------------------------------------------------- worker processes
 def run_worker(script, flags):
     """Run `python benchmarks/<script> --worker ... <flags>` in a fresh process; its last stdout line is
@@ -155,6 +194,15 @@ def run_worker(script, flags):
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_workers(script, flag_lists, parallel=False):
+    """run_worker for each list of flags: one after the other, or all at once with `parallel` (for
+    --quick, where starting Python, torch and transformers takes longer than the work)."""
+    if not parallel:
+        return [run_worker(script, flags) for flags in flag_lists]
+    with ThreadPoolExecutor(len(flag_lists)) as pool:
+        return list(pool.map(lambda flags: run_worker(script, flags), flag_lists))
 
 
 def report_from_worker(values):
@@ -206,8 +254,11 @@ def markdown_table(rows):
     return "\n".join("| " + " | ".join(line) + " |" for line in [lines[0], ["---"] * len(TABLE_HEADER), *lines[1:]])
 
 
-def print_table(rows, title):
-    print(f"\n{title}\n\n{markdown_table(rows)}\n", flush=True)
+def run_and_print(run, args, title):
+    """A benchmark script's main: run it, then print its table and how busy the machine was."""
+    with BackgroundLoad() as load:
+        rows = run(args)
+    print(f"\n{title}. {load.describe()}\n\n{markdown_table(rows)}\n", flush=True)
 
 
 def machine_description(device, threads):

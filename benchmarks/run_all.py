@@ -16,7 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `modules`
 
 from benchmarks import bench_generation, bench_loading, bench_training  # noqa: E402
-from benchmarks.common import add_common_args, common_flags, machine_description, markdown_table, setup  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    BackgroundLoad, add_common_args, common_flags, machine_description, markdown_table, setup,
+)
 from modules.errors import run_main  # noqa: E402
 
 WORKLOADS = {"generation": bench_generation, "training": bench_training, "loading": bench_loading}
@@ -30,14 +32,14 @@ def main():
     args = parser.parse_args()
     device = setup(args)
     rows, start = [], time.perf_counter()
-    for name in args.workloads:
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        script = WORKLOADS[name]
-        rows += script.run(script.parse_args(common_flags(args)))
+    with BackgroundLoad() as load:
+        for name in args.workloads:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            script = WORKLOADS[name]
+            rows += script.run(script.parse_args(common_flags(args)))
     size = "quick (tiny model)" if args.quick else f"GPT-2 {args.size}"
-    print(f"\n{size}, fp32, {machine_description(device, args.threads)}; "
-          f"{time.perf_counter() - start:.0f} s. Reference: transformers' GPT2LMHeadModel (W1, W2), "
-          "the original project's loader (W3)\n")
+    print(f"\n{size}, fp32, {machine_description(device, args.threads)}; {time.perf_counter() - start:.0f} s. "
+          f"{load.describe()} Reference: transformers' GPT2LMHeadModel (W1, W2), the original project's loader (W3).\n")
     print(markdown_table(rows), flush=True)
 
 

@@ -2,16 +2,20 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from conftest import REPO, run_script
 from benchmarks.bench_training import flops_per_token
 from modules import GPT_CONFIGS
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_run_all_quick_prints_every_workload_with_ratios():
-    result = run_script("benchmarks/run_all.py", "--quick", timeout=300)
+    result = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| W")]
     workloads = [row.split(" | ")[0] for row in rows]
     for expected in ["W1 generation, batch 1", "W1 generation, batch 8", "W1 peak memory", "W2 training step",
