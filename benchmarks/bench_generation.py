@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    Row, add_common_args, benchmark_config, common_flags, model_pair, peak_memory_bytes,
+    Row, add_common_args, benchmark_config, common_flags, memory_read_bandwidth, model_pair, peak_memory_bytes,
     reference_model, report_from_worker, run_and_print, run_workers, setup, timed,
 )
 from modules.errors import run_main  # noqa: E402
@@ -67,6 +67,17 @@ def generation_speeds(args, config, device, batch_size, sides):
     return speeds, torch.equal(outputs["ours"], outputs["reference"])
 
 
+def bandwidth_row(model, speeds, device, args):
+    """At batch 1 each new token reads every weight once: tokens/s x weight bytes is the bandwidth each
+    side gets out of memory, against what the machine can read."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied head once
+    weight_bytes -= model.position_embedding.weight.nbytes  # a token reads one row of it
+    bandwidth = memory_read_bandwidth(device, megabytes=64 if args.quick else 1024)
+    return Row(f"W1 batch 1: weights read per second ({weight_bytes / 1e6:,.0f} MB a token; this machine reads "
+               f"{bandwidth / 1e9:,.1f} GB/s)", "GB/s", [speed * weight_bytes / 1e9 for speed in speeds["ours"]],
+               [speed * weight_bytes / 1e9 for speed in speeds["reference"]])
+
+
 def worker(args):
     """One side alone in this fresh process: generate at batch 1 and report the peak memory."""
     from modules import GPTModel
@@ -97,10 +108,11 @@ def run(args):
         speeds, identical = generation_speeds(args, config, device, batch_size, sides)
         row = Row(f"W1 generation, batch {batch_size}, {shape}, greedy tokens {'identical' if identical else 'DIFFER'}",
                   "new tokens/s", speeds["ours"], speeds["reference"])
+        rows.append(row)
         if batch_size == 1:
             row.target = f">= {TARGET_SPEEDUP}x, identical tokens"
             row.met = identical and row.ratio >= TARGET_SPEEDUP
-        rows.append(row)
+            rows.append(bandwidth_row(ours, speeds, device, args))
     ours_memory, reference_memory = (
         result["peak_memory"] / 2**20 for result in run_workers(
             "bench_generation.py", [["--worker", side, *worker_flags(args)] for side in ("ours", "reference")],

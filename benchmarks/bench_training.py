@@ -41,6 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per side first (default: %(default)s)")
     parser.add_argument("--memory-steps", type=int, default=3,
                         help="steps of each fresh process that measures peak memory (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile our model (as train.py --compile does); the reference stays eager")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (32 if args.quick else 256)
@@ -87,6 +89,8 @@ def make_step(model, device, inputs, targets):
 def training_speeds(args, config, device):
     """{side: [tokens/s per timed step]}, the sides alternating step by step."""
     ours, reference = model_pair(config, args.seed, device)
+    if args.compile:
+        ours = torch.compile(ours)  # shares the parameters of the model it wraps
     inputs, targets = make_batch(config, args, device)
     steps = {"reference": make_step(reference, device, inputs, targets), "ours": make_step(ours, device, inputs, targets)}
     speeds = {side: [] for side in steps}
@@ -107,6 +111,7 @@ def worker(args):
     if args.worker == "ours":
         torch.manual_seed(args.seed)
         model = GPTModel(config).to(device)
+        model = torch.compile(model) if args.compile else model
     else:
         model = reference_model(config, args.seed, device)
     step = make_step(model, device, *make_batch(config, args, device))
@@ -126,6 +131,7 @@ def run(args):
     peak = statistics.median(peaks)
     flops = flops_per_token(config, args.tokens)
     shape = f"batch {args.batch_size} x {args.tokens} tokens"
+    shape += ", ours compiled" if args.compile else ""
     speed_row = Row(f"W2 training step, {shape}", "tokens/s", speeds["ours"], speeds["reference"], target=">= 1.0x")
     speed_row.met = speed_row.ratio >= 1.0
     utilisation = {side: [100 * speed * flops / peak for speed in values] for side, values in speeds.items()}
@@ -145,7 +151,7 @@ def run(args):
 
 def worker_flags(args):
     return [*common_flags(args), "--batch-size", str(args.batch_size), "--tokens", str(args.tokens),
-            "--memory-steps", str(args.memory_steps)]
+            "--memory-steps", str(args.memory_steps), *(["--compile"] if args.compile else [])]
 
 
 def main():

@@ -185,6 +185,14 @@ class BackgroundLoad:
         return f"Other processes kept {self.fraction:.0%} of the CPUs busy meanwhile."
 
 
+def memory_read_bandwidth(device, megabytes=1024, repeats=5):
+    """Bytes/s at which the device reads memory: summing a tensor far larger than any cache. A model
+    whose every step reads all its weights (generation) can go no faster than this."""
+    values = torch.ones(megabytes * 2**20 // 4, device=device)
+    timed(values.sum, device)  # warm-up
+    return values.numel() * 4 / statistics.median(timed(values.sum, device)[0] for _ in range(repeats))
+
+
 # ----------------------------------------------------------------------------- worker processes
 def run_worker(script, flags):
     """Run `python benchmarks/<script> --worker ... <flags>` in a fresh process; its last stdout line is
