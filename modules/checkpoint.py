@@ -7,6 +7,7 @@ Writes are atomic (a temporary file in the same folder, then a rename), so a cra
 leaves the previous checkpoint intact. Reads use weights_only=True: a checkpoint can hold tensors
 and plain Python values but never code that runs when it is opened.
 """
+import json
 import os
 import pickle
 import tempfile
@@ -61,6 +62,16 @@ def atomic_save(obj, path):
         if isinstance(error, OSError):
             raise CheckpointError(f"could not write {path}: {error.strerror or error}; any previous file there is unchanged") from None
         raise
+
+
+def atomic_write_json(obj, path):
+    """Write `obj` as JSON to `path` through a temporary file and a rename: a reader (or a crash)
+    sees the previous file or the new one, never half of one. For results written as they arrive."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def read_checkpoint(path, kinds=None, map_location="cpu", mmap=False):
