@@ -65,3 +65,13 @@ def test_only_the_adapters_learn():
 def test_rank_must_be_positive():
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(nn.Linear(4, 4), rank=0, alpha=1.0)
+
+
+def test_a_checkpoint_of_a_lora_model_loads_as_a_plain_model(tmp_path):
+    from modules.checkpoint import load_checkpoint, save_checkpoint
+
+    model = lora_model()
+    save_checkpoint(tmp_path / "lora.pt", model, "lm")
+    loaded = load_checkpoint(tmp_path / "lora.pt")
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, 9))
+    assert not has_lora(loaded) and (loaded(ids) - model(ids)).abs().max() < 1e-4
