@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .checkpoint import read_checkpoint, save_checkpoint
 from .device import get_device
 from .errors import UserError
+from .lora import lora_state_dict
 from .optim import make_optimizer
 
 
@@ -358,6 +359,8 @@ class Trainer:
                 "evaluations": self.evaluations,
                 "global_batch": self.global_batch,
                 "train_samples": len(self.task.train_set),
+                # Checkpoints hold LoRA adapters merged into the weights; resuming needs them apart.
+                "lora_state_dict": lora_state_dict(self.model),
             }
         save_checkpoint(path, self.model, self.task.kind, **extra)
 
@@ -375,7 +378,7 @@ class Trainer:
                 f"resume with the same data and batch size (now {self.global_batch} and {len(self.task.train_set)})"
             )
         try:
-            self.model.load_state_dict(checkpoint["model_state_dict"])
+            self.model.load_state_dict(state.get("lora_state_dict") or checkpoint["model_state_dict"])
         except RuntimeError:
             raise UserError(f"{path} holds a different model than the one configured now; resume with the same --init/--config") from None
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
