@@ -16,6 +16,7 @@ import torch
 import torch.distributed as torch_dist
 
 from modules.checkpoint import initial_model
+from modules.lora import apply_lora
 from modules.errors import UserError, run_main
 from modules.instructions import (ALPACA_URL, IGNORE_INDEX, InstructionDataset, collate_instructions, fetch_alpaca,
                                   file_sha256, generate_responses, load_instruction_data, split_instruction_data)
@@ -81,6 +82,11 @@ def parse_args():
                             "or 'scratch' with --config (default: %(default)s)")
     model.add_argument("--config", default="124M", help="GPT_CONFIGS name or JSON file for --init scratch (default: %(default)s)")
     model.add_argument("--models-dir", default="gpt2", help="where OpenAI's weights are kept (default: %(default)s)")
+    model.add_argument("--lora-rank", type=int, default=0,
+                       help="train rank-r LoRA adapters on a frozen model instead of every weight; 0 for full "
+                            "fine-tuning (default: %(default)s). They are merged into the weights when saved")
+    model.add_argument("--lora-alpha", type=float, default=None,
+                       help="LoRA scale: the update is multiplied by alpha / rank (default: the rank, a scale of 1)")
     model.add_argument("--sample-tokens", type=int, default=64,
                        help="tokens of the answer shown at each evaluation, 0 for none (default: %(default)s)")
     add_training_args(parser, epochs=2, batch_size=8, lr=5e-5, eval_interval=100, eval_batches=5,
@@ -115,6 +121,11 @@ def main():
         max_length = args.max_length or context_size
         if not 1 < max_length <= context_size:
             raise UserError(f"--max-length must be between 2 and the model's context size {context_size}")
+        if args.lora_rank < 0:
+            raise UserError("--lora-rank must be positive (or 0 for full fine-tuning)")
+        lora_alpha = args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)
+        if args.lora_rank:
+            apply_lora(model, args.lora_rank, lora_alpha)
 
         train_set, val_set, test_set = (InstructionDataset(part) for part in (train_entries, val_entries, test_entries))
         # What evaluate_responses.py needs to rebuild the same test set.
@@ -123,13 +134,15 @@ def main():
                      "seed": args.seed, "fractions": list(fractions), "records": len(entries),
                      "sha256": file_sha256(data_path)},
             "max_length": max_length, "mask_prompt": args.mask_prompt,
+            "lora": {"rank": args.lora_rank, "alpha": lora_alpha} if args.lora_rank else None,
         }
         task = InstructionTask(train_set, val_set, max_length, args.mask_prompt, args.sample_tokens, metadata)
         if dist.is_main:
             cut = sum(len(ids) + 1 > max_length + 1 for ids, _ in train_set)
             print(f"{len(train_set):,} training, {len(val_set):,} validation and {len(test_set):,} test records "
                   f"from {data_path}; {cut:,} training examples are longer than {max_length} tokens and get cut")
-            print(f"{sum(p.numel() for p in model.parameters()):,} parameters on {dist.device}")
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"{sum(p.numel() for p in model.parameters()):,} parameters ({trained:,} trained) on {dist.device}")
 
         trainer = train(model, task, args, dist)
         test_loss = trainer.evaluate_dataset(test_set)["loss"]

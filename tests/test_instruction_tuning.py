@@ -8,12 +8,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from conftest import MICRO_CONFIG, run_script
 from modules import GPTModel
-from modules.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from modules.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from modules.errors import UserError
 from modules.instructions import split_instruction_data
+from modules.lora import apply_lora
 
 NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 
@@ -223,3 +225,24 @@ def test_unreachable_judge_and_missing_responses(responses, tmp_path, monkeypatc
 def test_score_parsing(reply, score):
     from gpt_eval import parse_score
     assert parse_score(reply) == score
+
+
+def test_lora_tuning_trains_adapters_only_and_saves_them_merged(tuned, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "lora.pt"
+    in_process(monkeypatch, "fine_tune_instructional", "--data", tuned["data"], "--init", tuned["out"], "--out", out,
+               "--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "3", "--batch-size", "4",
+               "--eval-batches", "1", "--lr", "1e-2", "--sample-tokens", "0")
+    # Rank 4 adapters on qkv (32 -> 96), out (32 -> 32), expand (32 -> 128) and project (128 -> 32): 4 * (in + out) each.
+    assert f"({4 * (32 + 96 + 32 + 32 + 32 + 128 + 128 + 32):,} trained)" in capsys.readouterr().out
+    before, after = load_checkpoint(tuned["out"]), load_checkpoint(out, kinds=("instruct",))
+    assert after.metadata["lora"] == {"rank": 4, "alpha": 8.0}
+    assert torch.equal(after.token_embedding.weight, before.token_embedding.weight)  # frozen
+    assert not torch.equal(after.blocks[0].attention.qkv_proj.weight, before.blocks[0].attention.qkv_proj.weight)
+
+    # The saved (merged) model computes what the adapted model computed.
+    last = read_checkpoint(out.with_suffix(".last.pt"))
+    adapted = apply_lora(GPTModel(before.config), rank=4, alpha=8.0).eval()
+    adapted.load_state_dict(last["train_state"]["lora_state_dict"])
+    merged = load_checkpoint(out.with_suffix(".last.pt"))
+    ids = torch.randint(0, 50257, (2, 20))
+    assert (adapted(ids) - merged(ids)).abs().max() < 1e-4
