@@ -138,7 +138,7 @@ def main():
         }
         task = InstructionTask(train_set, val_set, max_length, args.mask_prompt, args.sample_tokens, metadata)
         if dist.is_main:
-            cut = sum(len(ids) + 1 > max_length + 1 for ids, _ in train_set)
+            cut = sum(len(ids) > max_length for ids, _ in train_set)
             print(f"{len(train_set):,} training, {len(val_set):,} validation and {len(test_set):,} test records "
                   f"from {data_path}; {cut:,} training examples are longer than {max_length} tokens and get cut")
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

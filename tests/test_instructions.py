@@ -1,4 +1,14 @@
-from modules.instructions import extract_response, format_example, format_prompt
+import json
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from modules.errors import UserError
+from modules.instructions import (IGNORE_INDEX, InstructionDataset, collate_instructions, extract_response,
+                                  fetch_alpaca, format_example, format_prompt, load_instruction_data,
+                                  split_instruction_data)
+from modules.tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 
 def test_prompt_has_input_section_only_when_there_is_an_input():
@@ -17,17 +27,6 @@ def test_extract_response():
 
 
 # ----------------------------------------------------------------------------- data
-import json
-
-import pytest
-import torch
-
-from conftest import SHARED_DATA
-from modules.errors import UserError
-from modules.instructions import (IGNORE_INDEX, InstructionDataset, collate_instructions, fetch_alpaca,
-                                  load_instruction_data, split_instruction_data)
-from modules.tokenizer import END_OF_TEXT_ID, get_tokenizer
-
 RECORDS = [{"instruction": f"Add {i} and 1.", "input": "" if i % 2 else f"{i}", "output": f"{i + 1}"} for i in range(20)]
 
 
