@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from tests.conftest import MICRO_CONFIG, REPO, run_script
 from modules import GPTModel
 from modules.checkpoint import load_checkpoint, save_checkpoint
 
@@ -31,7 +31,7 @@ def train_args(corpus, config, out, *extra):
 
 @pytest.fixture
 def micro_checkpoints(tmp_path, micro_config):
-    from conftest import MICRO_CONFIG
+
 
     save_checkpoint(tmp_path / "lm.pt", GPTModel(MICRO_CONFIG), "lm")
     save_checkpoint(tmp_path / "classifier.pt", GPTModel({**MICRO_CONFIG, "num_classes": 2}), "classifier",
@@ -79,16 +79,16 @@ def test_row4_malicious_pickle_is_refused_and_nothing_runs(tmp_path, small_corpu
 
 # Row 6: the process killed while writing a checkpoint
 def test_row6_sigkill_during_checkpoint_writes_keeps_the_previous_one(tmp_path):
-    from conftest import MICRO_CONFIG
+
 
     path = tmp_path / "model.pt"
     save_checkpoint(path, GPTModel(MICRO_CONFIG), "lm", step=0)
     writer = subprocess.Popen(
         [sys.executable, "-c",
          "import itertools, sys\nfrom modules import GPTModel\nfrom modules.checkpoint import save_checkpoint\n"
-         f"from conftest import MICRO_CONFIG\nmodel = GPTModel(MICRO_CONFIG)\nprint('writing', flush=True)\n"
+         f"from tests.conftest import MICRO_CONFIG\nmodel = GPTModel(MICRO_CONFIG)\nprint('writing', flush=True)\n"
          f"for step in itertools.count(1):\n    save_checkpoint({str(path)!r}, model, 'lm', step=step)"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}, stdout=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "writing"
     time.sleep(1.5)
     writer.send_signal(signal.SIGKILL)
