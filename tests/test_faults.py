@@ -31,8 +31,6 @@ def train_args(corpus, config, out, *extra):
 
 @pytest.fixture
 def micro_checkpoints(tmp_path, micro_config):
-
-
     save_checkpoint(tmp_path / "lm.pt", GPTModel(MICRO_CONFIG), "lm")
     save_checkpoint(tmp_path / "classifier.pt", GPTModel({**MICRO_CONFIG, "num_classes": 2}), "classifier",
                     label_names=["ham", "spam"], max_length=32)
@@ -79,8 +77,6 @@ def test_row4_malicious_pickle_is_refused_and_nothing_runs(tmp_path, small_corpu
 
 # Row 6: the process killed while writing a checkpoint
 def test_row6_sigkill_during_checkpoint_writes_keeps_the_previous_one(tmp_path):
-
-
     path = tmp_path / "model.pt"
     save_checkpoint(path, GPTModel(MICRO_CONFIG), "lm", step=0)
     writer = subprocess.Popen(
