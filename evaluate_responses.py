@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from modules.checkpoint import atomic_write_json, load_checkpoint
+from modules.checkpoint import load_checkpoint
 from modules.device import get_device
 from modules.errors import UserError, run_main
+from modules.files import atomic_write_text, exclusive_output
 from modules.instructions import (fetch_alpaca, file_sha256, format_prompt, generate_responses, load_instruction_data,
                                   split_instruction_data)
 from modules.tokenizer import get_tokenizer
@@ -85,6 +86,36 @@ def earlier_answers(out, settings):
             if isinstance(record, dict) and record.get("generation") == settings and "model_response" in record}
 
 
+def write_answers(out, results):
+    """The answers made so far, in test-set order, written whole or not at all."""
+    answered = [result for result in results if result]
+    atomic_write_text(out, json.dumps(answered, indent=2, ensure_ascii=False))
+
+
+def answer(model, selected, settings, args, generator):
+    """Answer the `selected` entries into --out, keeping the answers made earlier with `settings` and
+    saving after each batch; returns how many were kept."""
+    earlier = earlier_answers(args.out, settings)
+    results = [{**entry, "model_response": earlier[record_key(entry)], "generation": settings}
+               if record_key(entry) in earlier else None for entry in selected]
+    pending = [index for index, result in enumerate(results) if result is None]
+    # Prompts of similar length batch with little padding; the longest go first, so a batch too big
+    # for the memory fails at once rather than at the end.
+    tokenizer = get_tokenizer()
+    pending.sort(key=lambda index: -len(tokenizer.encode_ordinary(format_prompt(selected[index]))))
+    write_answers(args.out, results)
+    with tqdm(total=len(selected), initial=len(selected) - len(pending), desc="answering", unit="answer") as bar:
+        for start in range(0, len(pending), args.batch_size):
+            batch = pending[start:start + args.batch_size]
+            responses = generate_responses(model, [selected[index] for index in batch], args.max_new_tokens,
+                                           args.temperature, args.top_k, args.top_p, generator)
+            for index, response in zip(batch, responses):
+                results[index] = {**selected[index], "model_response": response, "generation": settings}
+            write_answers(args.out, results)
+            bar.update(len(batch))
+    return len(selected) - len(pending)
+
+
 def main():
     args = parse_args()
     device = get_device(args.device)
@@ -99,27 +130,10 @@ def main():
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_k": args.top_k if sampling else None, "top_p": args.top_p if sampling else None,
                 "seed": args.seed if sampling else None}
-    earlier = earlier_answers(args.out, settings)
-    results = [{**entry, "model_response": earlier[record_key(entry)], "generation": settings}
-               if record_key(entry) in earlier else None for entry in selected]
-    pending = [index for index, result in enumerate(results) if result is None]
-    # Prompts of similar length batch with little padding; the longest go first, so a batch too big
-    # for the memory fails at once rather than at the end.
-    tokenizer = get_tokenizer()
-    pending.sort(key=lambda index: -len(tokenizer.encode_ordinary(format_prompt(selected[index]))))
     generator = torch.Generator(device=device).manual_seed(args.seed) if sampling else None
-
-    with tqdm(total=len(selected), initial=len(selected) - len(pending), desc="answering", unit="answer") as bar:
-        atomic_write_json([result for result in results if result], args.out)
-        for start in range(0, len(pending), args.batch_size):
-            batch = pending[start:start + args.batch_size]
-            responses = generate_responses(model, [selected[index] for index in batch], args.max_new_tokens,
-                                           args.temperature, args.top_k, args.top_p, generator)
-            for index, response in zip(batch, responses):
-                results[index] = {**selected[index], "model_response": response, "generation": settings}
-            atomic_write_json([result for result in results if result], args.out)
-            bar.update(len(batch))
-    print(f"{len(selected)} answers in {args.out} ({len(selected) - len(pending)} kept from an earlier run). "
+    with exclusive_output(args.out):
+        kept = answer(model, selected, settings, args, generator)
+    print(f"{len(selected)} answers in {args.out} ({kept} kept from an earlier run). "
           f"Next: python gpt_eval.py --data {args.out}")
 
 

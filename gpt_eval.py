@@ -22,8 +22,8 @@ from pathlib import Path
 import openai
 from tqdm import tqdm
 
-from modules.checkpoint import atomic_write_json
 from modules.errors import UserError, run_main
+from modules.files import atomic_write_text, exclusive_output
 from modules.instructions import format_input
 
 THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)  # reasoning models (DeepSeek-R1, Qwen3) think aloud first
@@ -155,6 +155,13 @@ def parse_args():
     return args
 
 
+def write_scores(args, results):
+    """The scores so far and their summary, written whole or not at all; returns the summary."""
+    report = summary(args, [result for result in results if result])
+    atomic_write_text(args.out, json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
 def summary(args, results):
     scores = [result["score"] for result in results if result["score"] is not None]
     return {"judge_model": args.judge_model, "responses": str(args.data),
@@ -162,18 +169,9 @@ def summary(args, results):
             "scored": len(scores), "unparsable": len(results) - len(scores), "scores": results}
 
 
-def main():
-    args = parse_args()
-    entries = load_responses(args.data)[:args.num]
-    client = make_client(args)
-    url = str(client.base_url)
-    earlier = earlier_scores(args.out, args.judge_model)
-    results = [{**earlier[score_key(entry)], "index": index} if score_key(entry) in earlier else None
-               for index, entry in enumerate(entries)]
-    pending = [index for index, result in enumerate(results) if result is None]
-    if len(pending) < len(entries):
-        print(f"{len(entries) - len(pending)} answers already scored in {args.out}; asking about the other {len(pending)}")
-
+def ask_about(pending, entries, results, client, args, url):
+    """Ask the judge about entries[i] for every i in `pending`, `--workers` at a time, and fill in
+    results[i] as the replies arrive, saving after each."""
     executor = ThreadPoolExecutor(max_workers=args.workers)
     futures = {executor.submit(ask_judge, client, args.judge_model, entries[index]): index for index in pending}
     try:
@@ -187,12 +185,24 @@ def main():
             results[index] = {"index": index, **entries[index], "score": score, "judge_reply": reply,
                               "judge_model": args.judge_model}
             tqdm.write(f"[{index}] score: {score}" if score is not None else f"[{index}] unparsable reply: {reply!r}")
-            atomic_write_json(summary(args, [result for result in results if result]), args.out)
+            write_scores(args, results)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)  # after a fatal error, ask nothing more
 
-    report = summary(args, results)
-    atomic_write_json(report, args.out)
+
+def main():
+    args = parse_args()
+    entries = load_responses(args.data)[:args.num]
+    client = make_client(args)
+    with exclusive_output(args.out):
+        earlier = earlier_scores(args.out, args.judge_model)
+        results = [{**earlier[score_key(entry)], "index": index} if score_key(entry) in earlier else None
+                   for index, entry in enumerate(entries)]
+        pending = [index for index, result in enumerate(results) if result is None]
+        if len(pending) < len(entries):
+            print(f"{len(entries) - len(pending)} answers already scored in {args.out}; asking about the other {len(pending)}")
+        ask_about(pending, entries, results, client, args, str(client.base_url))
+        report = write_scores(args, results)
     print(f"{report['scored']} of {len(entries)} answers scored by {args.judge_model}, {report['unparsable']} unparsable "
           f"(score null in {args.out}; a rerun asks again)")
     average = f"{report['average_score']:.2f}" if report["scored"] else "n/a (no reply held a score)"

@@ -7,7 +7,6 @@ Writes are atomic (a temporary file in the same folder, then a rename), so a cra
 leaves the previous checkpoint intact. Reads use weights_only=True: a checkpoint can hold tensors
 and plain Python values but never code that runs when it is opened.
 """
-import json
 import os
 import pickle
 import tempfile
@@ -67,16 +66,6 @@ def atomic_save(obj, path):
         raise
 
 
-def atomic_write_json(obj, path):
-    """Write `obj` as JSON to `path` through a temporary file and a rename: a reader (or a crash)
-    sees the previous file or the new one, never half of one. For results written as they arrive."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def read_checkpoint(path, kinds=None, map_location="cpu", mmap=False):
     """The checkpoint dict at `path`, checked to be one of ours (and of one of `kinds`, if given).
 
@@ -88,7 +77,7 @@ def read_checkpoint(path, kinds=None, map_location="cpu", mmap=False):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Weights only" in str(error):
+        if "GLOBAL" in str(error) or "global" in str(error):  # the pickle names a function or class to call
             raise CheckpointError(
                 f"refused to open {path}: it holds Python objects, not just tensors, and loading it could run "
                 "code (torch.load weights_only=True). Only open checkpoints written by this project."

@@ -2,14 +2,12 @@
 batching for training) and batched answering, shared by fine-tuning, evaluation and the app."""
 import hashlib
 import json
-import os
 import random
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
 
+from .download import download_file
 from .errors import UserError
 from .generation import generate
 from .tokenizer import END_OF_TEXT_ID, get_tokenizer
@@ -50,23 +48,8 @@ def extract_response(generated_text):
 # ----------------------------------------------------------------------------- the data
 def fetch_alpaca(path, url=ALPACA_URL):
     """Stanford Alpaca's 52,002 records at `path`, downloaded from `url` unless already there."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    print(f"downloading {url} to {path}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as file:
-            while block := response.read(1 << 20):
-                file.write(block)
-    except (urllib.error.URLError, OSError) as error:  # no network, HTTP errors, timeouts, a full disk
-        part.unlink(missing_ok=True)
-        reason = getattr(error, "reason", None) or error
-        raise UserError(f"could not download {url} ({reason}); with no network, pass a local copy "
-                        "(a JSON list or JSONL of instruction/input/output records) with --data PATH") from None
-    os.replace(part, path)  # only a complete file gets the real name
-    return path
+    return download_file(url, path, hint="With no network, pass a local copy (a JSON list or JSONL of "
+                                         "instruction/input/output records) with --data PATH.")
 
 
 def file_sha256(path):

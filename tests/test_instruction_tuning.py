@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from conftest import MICRO_CONFIG, run_script
+from tests.conftest import MICRO_CONFIG, run_script
 from modules import GPTModel
 from modules.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from modules.errors import UserError
@@ -55,17 +55,17 @@ def test_fine_tuning_writes_an_instruct_checkpoint_that_records_its_split(tuned)
     assert tuned["out"].with_suffix(".loss.png").is_file() and tuned["out"].with_suffix(".last.pt").is_file()
 
 
-def test_data_errors_end_with_one_message(tmp_path):
+def test_data_errors_end_with_one_message(tmp_path, monkeypatch):
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps([{"instruction": "x", "output": "y"}, {"instruction": "no output"}]))
     result = run_script("fine_tune_instructional.py", "--data", broken, "--init", "scratch", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "record 1 of" in result.stderr and "has no 'output'" in result.stderr
 
-    result = run_script("fine_tune_instructional.py", "--data-dir", tmp_path, "--data-url", "http://127.0.0.1:9/alpaca.json",
-                        "--init", "scratch", check=False)
-    assert result.returncode == 1 and "could not download http://127.0.0.1:9/alpaca.json" in result.stderr
-    assert "--data PATH" in result.stderr
+    monkeypatch.setattr("modules.download.time.sleep", lambda seconds: None)  # no waiting between the retries
+    with pytest.raises(UserError, match=r"could not download http://127.0.0.1:9/alpaca.json .*--data PATH"):
+        in_process(monkeypatch, "fine_tune_instructional", "--data-dir", tmp_path,
+                   "--data-url", "http://127.0.0.1:9/alpaca.json", "--init", "scratch")
 
 
 def in_process(monkeypatch, script, *args):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA
 from modules.errors import UserError
 from modules.instructions import (IGNORE_INDEX, InstructionDataset, collate_instructions, extract_response,
                                   fetch_alpaca, format_example, format_prompt, load_instruction_data,
@@ -85,7 +85,8 @@ def test_real_instruction_data_splits_880_110_110():
     assert all(entry["instruction"] and entry["output"] for entry in train + val + test)
 
 
-def test_no_network_names_the_url_and_the_way_around_it(tmp_path):
+def test_no_network_names_the_url_and_the_way_around_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("modules.download.time.sleep", lambda seconds: None)  # no waiting between the retries
     url = "http://127.0.0.1:9/alpaca_data.json"  # the discard port: nothing listens there
     with pytest.raises(UserError, match=r"could not download http://127.0.0.1:9/alpaca_data.json .*--data PATH"):
         fetch_alpaca(tmp_path / "alpaca_data.json", url)
