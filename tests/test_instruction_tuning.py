@@ -246,3 +246,13 @@ def test_lora_tuning_trains_adapters_only_and_saves_them_merged(tuned, tmp_path,
     merged = load_checkpoint(out.with_suffix(".last.pt"))
     ids = torch.randint(0, 50257, (2, 20))
     assert (adapted(ids) - merged(ids)).abs().max() < 1e-4
+
+
+def test_judge_prompt_is_the_originals():
+    from gpt_eval import judge_prompt
+    entry = {"instruction": "Name a colour.", "input": "", "output": "Blue.", "model_response": "Red."}
+    assert judge_prompt(entry) == (
+        "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName a colour.` and correct output `Blue.`, score the model "
+        "response `Red.` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
+    )
