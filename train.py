@@ -13,7 +13,7 @@ from modules.checkpoint import initial_model
 from modules.data import load_tokens, train_val_windows
 from modules.errors import UserError, run_main
 from modules.generation import generate
-from modules.tokenizer import encode, get_tokenizer
+from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 from modules.training import TrainingTask, add_training_args, cleanup_distributed, setup_distributed, train
 
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "shakespeare"
@@ -30,7 +30,7 @@ class PretrainingTask(TrainingTask):
         if not self.sample_tokens:
             return None
         device = next(model.parameters()).device
-        input_ids = torch.tensor([encode(self.sample_prompt)], device=device)
+        input_ids = torch.tensor([encode(self.sample_prompt) or [END_OF_TEXT_ID]], device=device)
         output = generate(model, input_ids, self.sample_tokens)
         return get_tokenizer().decode(output[0, input_ids.shape[1]:].tolist())
 

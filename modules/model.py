@@ -1,4 +1,5 @@
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -7,6 +8,23 @@ from .attention import KVCache
 from .config import validate_config
 from .layer_norm import LayerNorm
 from .transformer import TransformerBlock
+
+
+@contextmanager
+def _skip_initialisation():
+    """Make nn.init's functions do nothing while a model whose weights will be replaced is built.
+
+    On the meta device they compute nothing anyway, but normal_ there goes through a Python
+    reference implementation that imports torch._dynamo: seconds spent on every checkpoint load."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    originals = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(nn.init, name, function)
 
 
 class GPTModel(nn.Module):
@@ -46,10 +64,15 @@ class GPTModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     @classmethod
+    def on_meta_device(cls, config):
+        """The model's structure with no weights (parameters on the meta device): shapes at no cost."""
+        with torch.device("meta"), _skip_initialisation():
+            return cls(config)
+
+    @classmethod
     def from_state_dict(cls, config, state_dict):
         """A model holding `state_dict`, built without first initialising weights only to overwrite them."""
-        with torch.device("meta"):
-            model = cls(config)
+        model = cls.on_meta_device(config)
         model.load_state_dict(state_dict, assign=True)
         if not model.config.get("num_classes"):
             model.out_head.weight = model.token_embedding.weight  # assign=True replaced the tied Parameter

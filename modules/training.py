@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .checkpoint import read_checkpoint, save_checkpoint
 from .device import get_device
 from .errors import UserError
+from .files import atomic_write_text, exclusive_output
 from .lora import lora_state_dict
 from .optim import make_optimizer
 
@@ -443,18 +444,15 @@ class Trainer:
 def train(model, task, args, dist):
     """Train `model` on `task` as `args` say; returns the Trainer (final metrics, evaluate_dataset...)."""
     trainer = Trainer(model, task, args, dist)
-    trainer.run()
+    with exclusive_output(args.out) if dist.is_main else nullcontext():
+        trainer.run()
     return trainer
 
 
 # ----------------------------------------------------------------------------- reports
 def write_metrics(out, metrics):
     """`<checkpoint>.metrics.json`, written atomically."""
-    path = metrics_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(metrics, indent=2))
-    os.replace(temporary, path)
+    atomic_write_text(metrics_path(out), json.dumps(metrics, indent=2))
 
 
 def plot_training(path, step_losses, evaluations):

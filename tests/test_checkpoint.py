@@ -54,7 +54,7 @@ class _RunsCode:
 
 def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"config": _RunsCode()}))
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"config": _RunsCode()}, protocol=2))
     with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from tests.conftest import REPO, run_script
 from modules.checkpoint import load_checkpoint, read_checkpoint
 from modules.data import load_tokens
 from modules.errors import UserError
