@@ -5,16 +5,15 @@ Read from UCI's zip by default, or from a local file: UCI's tab-separated SMSSpa
 project, the classes are balanced by undersampling ham to the number of spam messages, then shuffled
 and split 70/10/20 into training, validation and test sets with a fixed seed.
 """
-import http.client
-import shutil
-import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 
+from .download import download_file
 from .errors import UserError
+from .files import atomic_write_text
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 LABEL_NAMES = ("ham", "spam")  # class index 0 and 1
@@ -29,32 +28,13 @@ def fetch_sms_spam(data_dir, url=SMS_SPAM_URL):
     path = data_dir / DATA_FILE
     if path.is_file():
         return path
-    archive = download(url, data_dir / "sms_spam_collection.zip")
+    archive = download_file(url, data_dir / "sms_spam_collection.zip", hint=f"Without network access, pass {LOCAL_HINT}.")
     try:
         with zipfile.ZipFile(archive) as zipped:
-            zipped.extract(DATA_FILE, data_dir)
-    except (zipfile.BadZipFile, KeyError):
+            text = zipped.read(DATA_FILE).decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError):
         raise UserError(f"{archive} is not UCI's zip holding {DATA_FILE}: delete it and run again, or pass {LOCAL_HINT}") from None
-    return path
-
-
-def download(url, path):
-    """Save `url` at `path` (skipped when it exists); bytes go to a .part file renamed when complete,
-    so an interrupted download never passes for a whole one."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    print(f"downloading {url}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as file:
-            shutil.copyfileobj(response, file)
-    except (OSError, http.client.HTTPException) as error:  # URLError and socket errors are OSErrors
-        part.unlink(missing_ok=True)
-        reason = getattr(error, "reason", None) or error
-        raise UserError(f"could not download {url} ({reason}); without network access pass {LOCAL_HINT}") from None
-    part.replace(path)
+    atomic_write_text(path, text)  # a half-extracted file would pass for the data set next time
     return path
 
 
@@ -147,8 +127,7 @@ def split_paths(checkpoint):
 def write_splits(splits, checkpoint):
     """Save the (train, validation, test) DataFrames as CSVs that --data can read back."""
     for frame, path in zip(splits, split_paths(checkpoint).values()):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(path, index=False)
+        atomic_write_text(path, frame.to_csv(index=False))
 
 
 def as_samples(messages):

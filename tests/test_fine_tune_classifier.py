@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fine_tune_classifier
-from conftest import MICRO_CONFIG, SHARED_DATA, run_script
+import modules.download
+from tests.conftest import MICRO_CONFIG, SHARED_DATA, run_script
 from modules.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from modules.classification import classifier_from_lm, encode_for_classification, last_token_logits
 from modules.errors import UserError
@@ -132,15 +133,16 @@ def test_download_extracts_uci_zip_once(tmp_path):
         server.shutdown()
 
 
-def test_no_network_names_the_url_and_the_local_alternative(tmp_path):
+def test_no_network_names_the_url_and_the_local_alternative(tmp_path, monkeypatch):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/sms+spam+collection.zip"
-    result = run_script("fine_tune_classifier.py", "--url", url, "--data-dir", tmp_path, "--out", tmp_path / "c.pt", check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"could not download {url}" in result.stderr and "--data PATH" in result.stderr
-    assert not list(tmp_path.glob("*.part"))
+    monkeypatch.setattr(modules.download.time, "sleep", lambda seconds: None)  # no waiting between retries
+    with pytest.raises(UserError) as error:
+        fine_tune_classifier.main(["--url", url, "--data-dir", str(tmp_path), "--out", str(tmp_path / "c.pt")])
+    assert f"could not download {url}" in str(error.value) and "--data PATH" in str(error.value)
+    assert not list(tmp_path.iterdir())  # no partial file left behind
 
 
 # ----------------------------------------------------------------------------- model

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MICRO_CONFIG
+from tests.conftest import MICRO_CONFIG
 from modules.lora import LoRALinear, apply_lora, has_lora, merge_lora, merged_state_dict
 from modules.model import GPTModel
 
