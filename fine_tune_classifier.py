@@ -1,13 +1,14 @@
 """Fine-tune a GPT into an SMS spam classifier (UCI's SMS Spam Collection), or classify with one.
 
-    python fine_tune_classifier.py                                   # GPT-2 124M, 5 epochs; downloads data and weights once
-    python fine_tune_classifier.py --init checkpoints/pretrained.pt  # start from your own train.py model
+    python fine_tune_classifier.py                                  # GPT-2 124M, 5 epochs; downloads data and weights once
+    python fine_tune_classifier.py --init checkpoints/pretrained.pt --train-all --lr 5e-4   # from a train.py model
     python fine_tune_classifier.py --init scratch --config tiny --lr 1e-3
-    python fine_tune_classifier.py --lora-rank 16                    # LoRA adapters instead of the last block
+    python fine_tune_classifier.py --lora-rank 16 --lr 1e-3         # LoRA adapters instead of the last block
     python fine_tune_classifier.py --classify "You won a prize! Call now"
 
 The output head becomes a 2-class Linear that reads each message's last real token. By default only
-the last transformer block, the final LayerNorm and the head train, as in the original project.
+the last transformer block, the final LayerNorm and the head train, as in the original project
+(everything trains with --init scratch or --train-all).
 """
 import argparse
 from contextlib import contextmanager
@@ -84,7 +85,8 @@ def parse_args(argv=None):
     model.add_argument("--drop-rate", type=float, default=0.0, help="dropout while fine-tuning (default: %(default)s)")
     trainable = model.add_mutually_exclusive_group()
     trainable.add_argument("--train-all", action="store_true",
-                           help="train every weight (default: the last block, the final norm and the head)")
+                           help="train every weight (default with --init scratch; otherwise only the last block, "
+                                "the final norm and the head train)")
     trainable.add_argument("--lora-rank", type=int, default=None,
                            help="train LoRA adapters of this rank in every block, and the head, instead")
     model.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha; updates are scaled by alpha/rank (default: %(default)s)")
@@ -126,7 +128,7 @@ def build_model(args, dist):
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha)
         model.out_head.requires_grad_(True)  # the new head is random: it must train in full
-    elif not args.train_all:
+    elif not args.train_all and args.init != "scratch":  # random weights hold nothing worth keeping frozen
         model.requires_grad_(False)
         for module in (model.blocks[-1], model.final_norm, model.out_head):
             module.requires_grad_(True)

@@ -164,18 +164,21 @@ def test_truncation_to_max_length_keeps_the_start():
     assert ids.shape == (2, 3) and lengths.tolist() == [3, 1]
 
 
-def test_init_from_an_lm_checkpoint_keeps_its_weights_and_trains_the_last_block_by_default(tmp_path):
+def test_init_from_an_lm_checkpoint_keeps_its_weights_and_trains_the_last_block_by_default(tmp_path, micro_config):
     torch.manual_seed(0)
     lm = GPTModel({**MICRO_CONFIG, "num_layers": 2})
     save_checkpoint(tmp_path / "lm.pt", lm, "lm")
     args = fine_tune_classifier.parse_args(["--init", str(tmp_path / "lm.pt")])
-    model = fine_tune_classifier.build_model(args, fine_tune_classifier.setup_distributed("cpu"))
+    dist = fine_tune_classifier.setup_distributed("cpu")
+    model = fine_tune_classifier.build_model(args, dist)
     assert model.config["num_classes"] == 2 and model.out_head.weight.shape == (2, MICRO_CONFIG["embedding_dim"])
     torch.testing.assert_close(model.blocks[0].attention.qkv_proj.weight, lm.blocks[0].attention.qkv_proj.weight)
     torch.testing.assert_close(model.token_embedding.weight, lm.token_embedding.weight)
     trainable = {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks") else "")
                  for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert trainable == {"blocks.1", "final_norm", "out_head"}
+    scratch = fine_tune_classifier.build_model(fine_tune_classifier.parse_args(["--init", "scratch", "--config", str(micro_config)]), dist)
+    assert all(parameter.requires_grad for parameter in scratch.parameters())  # nothing pretrained to keep
 
 
 # ----------------------------------------------------------------------------- training and its outputs
