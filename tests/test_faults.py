@@ -1,6 +1,7 @@
 """The bad-input and fault matrix: every mistake a user can make ends in one clear message and loses nothing.
 
 Each test names its row of the matrix (see the README's Troubleshooting section)."""
+import json
 import os
 import pickle
 import signal
@@ -13,7 +14,7 @@ import torch
 
 from tests.conftest import MICRO_CONFIG, REPO, run_script
 from modules import GPTModel
-from modules.checkpoint import load_checkpoint, save_checkpoint
+from modules.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
 
 def assert_clear_failure(result, *phrases):
@@ -150,3 +151,46 @@ def test_row18_torchrun_with_more_ranks_than_samples_is_a_clear_error(tmp_path, 
     # torchrun reports the failed workers its own way; each worker says what is wrong.
     assert result.returncode != 0
     assert "error: --batch-size 1 must be a positive multiple of the number of processes (2)" in result.stderr
+
+
+# Row 5: Ctrl-C in the middle of each training script, then --resume
+def _fine_tuning_args(script, tmp_path, small_corpus, micro_config):
+    if script == "train.py":
+        return train_args(small_corpus, micro_config, tmp_path / "m.pt")
+    if script == "fine_tune_classifier.py":
+        data = tmp_path / "sms.tsv"
+        data.write_text("".join(f"{'spam' if i % 2 else 'ham'}\t{'win cash now' if i % 2 else 'lunch at noon'} {i}\n"
+                                for i in range(120)))
+    else:
+        data = tmp_path / "instructions.json"
+        data.write_text(json.dumps([{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
+                                    for i in range(1, 80)]))
+    return [script, "--data", data, "--init", "scratch", "--config", micro_config, "--out", tmp_path / "m.pt",
+            "--batch-size", "4", "--eval-batches", "1"]
+
+
+@pytest.mark.parametrize("script", ["train.py", "fine_tune_classifier.py", "fine_tune_instructional.py"])
+def test_row5_ctrl_c_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path, small_corpus, micro_config, script):
+    steps = ["--max-steps", "24", "--eval-interval", "2"]
+    whole_dir, cut_dir = tmp_path / "whole", tmp_path / "cut"
+    whole_dir.mkdir(), cut_dir.mkdir()
+    run_script(*_fine_tuning_args(script, whole_dir, small_corpus, micro_config), *steps)
+    whole = read_checkpoint(whole_dir / "m.last.pt")["train_state"]["step_losses"]
+
+    args = [*_fine_tuning_args(script, cut_dir, small_corpus, micro_config), *steps]
+    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cut_dir / "m.last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("training finished before the interrupt arrived")
+    assert process.returncode == 130 and "--resume" in stdout + stderr and "Traceback" not in stderr
+    assert read_checkpoint(cut_dir / "m.last.pt")["step"] < 24
+
+    run_script(*args, "--resume")
+    resumed = read_checkpoint(cut_dir / "m.last.pt")["train_state"]["step_losses"]
+    assert [step for step, *_ in resumed] == list(range(1, 25))
+    assert [loss for *_, loss in resumed] == pytest.approx([loss for *_, loss in whole], abs=1e-6)
