@@ -14,7 +14,7 @@ import fine_tune_classifier
 import modules.download
 from tests.conftest import MICRO_CONFIG, SHARED_DATA, run_script
 from modules.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from modules.classification import classifier_from_lm, encode_for_classification, last_token_logits
+from modules.classification import classifier_from_lm, encode_for_classification
 from modules.errors import UserError
 from modules.model import GPTModel
 from modules.training import Trainer
