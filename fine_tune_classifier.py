@@ -70,7 +70,7 @@ def parse_args(argv=None):
                       help="a local data set: UCI's SMSSpamCollection (label<TAB>text lines) or a .csv with label and "
                            "text columns (default: download UCI's zip into --data-dir)")
     data.add_argument("--data-dir", type=Path, default=Path("data"), help="where the download is kept (default: %(default)s)")
-    data.add_argument("--url", default=SMS_SPAM_URL, help="where to download the data set from (default: UCI)")
+    data.add_argument("--data-url", default=SMS_SPAM_URL, help="where to download the data set from (default: UCI)")
     data.add_argument("--no-balance", action="store_true",
                       help="keep every message (by default ham is undersampled to the number of spam messages)")
     data.add_argument("--max-length", type=int, default=None,
@@ -111,7 +111,7 @@ def main_process_first(dist):
 def load_splits(args, dist):
     """Training, validation and test DataFrames, written as CSVs beside the checkpoint."""
     with main_process_first(dist):
-        messages = read_messages(args.data or fetch_sms_spam(args.data_dir, args.url))
+        messages = read_messages(args.data or fetch_sms_spam(args.data_dir, args.data_url))
     if not args.no_balance:
         messages = balance(messages, args.seed)
     splits = split(messages, args.seed)

@@ -194,3 +194,33 @@ def test_row5_ctrl_c_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path,
     resumed = read_checkpoint(cut_dir / "m.last.pt")["train_state"]["step_losses"]
     assert [step for step, *_ in resumed] == list(range(1, 25))
     assert [loss for *_, loss in resumed] == pytest.approx([loss for *_, loss in whole], abs=1e-6)
+
+
+# Row 7: no network for the downloads
+def _closed_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("script, flag, alternative", [
+    ("get_gpt_weights.py", "--base-url", "put them in"),
+    ("fine_tune_classifier.py", "--data-url", "--data PATH"),
+    ("fine_tune_instructional.py", "--data-url", "--data PATH"),
+])
+def test_row7_no_network_names_the_url_and_the_local_alternative(tmp_path, script, flag, alternative):
+    url = f"http://127.0.0.1:{_closed_port()}/files"
+    where = ["--models-dir", tmp_path / "gpt2"] if script == "get_gpt_weights.py" else ["--data-dir", tmp_path / "data"]
+    result = run_script(script, flag, url, *where, "--out" if script != "get_gpt_weights.py" else "--save", tmp_path / "m.pt",
+                        check=False, timeout=300)
+    assert_clear_failure(result, url, alternative)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_row13_classify_empty_long_and_emoji_messages(micro_checkpoints):
+    result = run_script("fine_tune_classifier.py", "--checkpoint", micro_checkpoints / "classifier.pt", "--classify",
+                        "", "🙂 Ünïcödé " * 100, "plain")
+    verdicts = [line for line in result.stdout.splitlines() if "ham" in line or "spam" in line]
+    assert len(verdicts) == 3 and "Traceback" not in result.stderr

@@ -140,7 +140,7 @@ def test_no_network_names_the_url_and_the_local_alternative(tmp_path, monkeypatc
     url = f"http://127.0.0.1:{port}/sms+spam+collection.zip"
     monkeypatch.setattr(modules.download.time, "sleep", lambda seconds: None)  # no waiting between retries
     with pytest.raises(UserError) as error:
-        fine_tune_classifier.main(["--url", url, "--data-dir", str(tmp_path), "--out", str(tmp_path / "c.pt")])
+        fine_tune_classifier.main(["--data-url", url, "--data-dir", str(tmp_path), "--out", str(tmp_path / "c.pt")])
     assert f"could not download {url}" in str(error.value) and "--data PATH" in str(error.value)
     assert not list(tmp_path.iterdir())  # no partial file left behind
 
