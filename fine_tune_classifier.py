@@ -11,11 +11,9 @@ the last transformer block, the final LayerNorm and the head train, as in the or
 (everything trains with --init scratch or --train-all).
 """
 import argparse
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 from torch.nn import functional as F
 
 from modules.checkpoint import initial_model, load_checkpoint, read_checkpoint
@@ -26,7 +24,9 @@ from modules.lora import apply_lora, merge_lora
 from modules.sms_spam import (LABEL_NAMES, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam, read_messages, split,
                               split_paths, write_splits)
 from modules.tokenizer import encode
-from modules.training import TrainingTask, add_training_args, cleanup_distributed, setup_distributed, train
+from modules.training import (
+    TrainingTask, add_init_args, add_training_args, cleanup_distributed, setup_distributed, train,
+)
 
 
 class ClassifierTask(TrainingTask):
@@ -76,12 +76,7 @@ def parse_args(argv=None):
     data.add_argument("--max-length", type=int, default=None,
                       help="tokens read per message; longer ones are truncated (default: the longest training "
                            "message, at most the model's context)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--init", default="124M",
-                       help="starting weights: a GPT-2 size (124M, 355M, 774M, 1558M), an lm/instruct checkpoint path, "
-                            "or 'scratch' with --config (default: %(default)s)")
-    model.add_argument("--config", default="tiny", help="GPT_CONFIGS name or JSON file for --init scratch (default: %(default)s)")
-    model.add_argument("--models-dir", default="gpt2", help="where OpenAI's weights are kept (default: %(default)s)")
+    model = add_init_args(parser, init="124M")
     model.add_argument("--drop-rate", type=float, default=0.0, help="dropout while fine-tuning (default: %(default)s)")
     trainable = model.add_mutually_exclusive_group()
     trainable.add_argument("--train-all", action="store_true",
@@ -98,19 +93,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-@contextmanager
-def main_process_first(dist):
-    """Let the main process do the work in this block (a download) before the others repeat it (from disk)."""
-    if not dist.is_main:
-        torch_dist.barrier()
-    yield
-    if dist.is_main and dist.world_size > 1:
-        torch_dist.barrier()
-
-
 def load_splits(args, dist):
     """Training, validation and test DataFrames, written as CSVs beside the checkpoint."""
-    with main_process_first(dist):
+    with dist.main_process_first():
         messages = read_messages(args.data or fetch_sms_spam(args.data_dir, args.data_url))
     if not args.no_balance:
         messages = balance(messages, args.seed)
@@ -122,7 +107,7 @@ def load_splits(args, dist):
 
 def build_model(args, dist):
     """The classifier: --init's weights with a 2-class head, and the parameters chosen to train frozen or not."""
-    with main_process_first(dist):
+    with dist.main_process_first():
         lm = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
     model = classifier_from_lm(lm, len(LABEL_NAMES), args.drop_rate)
     if args.lora_rank:
@@ -145,8 +130,7 @@ def choose_max_length(requested, train_texts, context_size):
 
 def evaluate_best(trainer, out, datasets):
     """{split_metric: value} of the best checkpoint on the whole of each dataset."""
-    if trainer.dist.world_size > 1:
-        torch_dist.barrier()  # the main process may still be writing the best checkpoint
+    trainer.dist.wait_for_main_process()  # it may still be writing the best checkpoint
     model = merge_lora(trainer.model)  # the checkpoint holds merged weights
     model.load_state_dict(read_checkpoint(out, kinds=("classifier",))["model_state_dict"])
     return {f"{split_name}_{name}": value

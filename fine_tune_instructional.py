@@ -13,14 +13,15 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 
 from modules.checkpoint import initial_model
 from modules.lora import apply_lora
 from modules.errors import UserError, run_main
 from modules.instructions import (ALPACA_URL, IGNORE_INDEX, InstructionDataset, collate_instructions, fetch_alpaca,
                                   file_sha256, generate_responses, load_instruction_data, split_instruction_data)
-from modules.training import TrainingTask, add_training_args, cleanup_distributed, setup_distributed, train
+from modules.training import (
+    TrainingTask, add_init_args, add_training_args, cleanup_distributed, setup_distributed, train,
+)
 
 
 class InstructionTask(TrainingTask):
@@ -76,12 +77,7 @@ def parse_args():
     data.add_argument("--max-length", type=int, default=None,
                       help="cut examples to this many tokens (default and maximum: the model's context size)")
     data.add_argument("--mask-prompt", action="store_true", help="train on the response tokens only, not on the prompt")
-    model = parser.add_argument_group("model")
-    model.add_argument("--init", default="124M",
-                       help="starting weights: a GPT-2 size (124M, 355M, 774M, 1558M), a checkpoint path, "
-                            "or 'scratch' with --config (default: %(default)s)")
-    model.add_argument("--config", default="124M", help="GPT_CONFIGS name or JSON file for --init scratch (default: %(default)s)")
-    model.add_argument("--models-dir", default="gpt2", help="where OpenAI's weights are kept (default: %(default)s)")
+    model = add_init_args(parser, init="124M")
     model.add_argument("--lora-rank", type=int, default=0,
                        help="train rank-r LoRA adapters on a frozen model instead of every weight; 0 for full "
                             "fine-tuning (default: %(default)s). They are merged into the weights when saved")
@@ -99,10 +95,8 @@ def instruction_data_path(args, dist):
     if args.data is not None:
         return args.data
     path = args.data_dir / "alpaca_data.json"
-    if dist.is_main:
+    with dist.main_process_first():
         fetch_alpaca(path, args.data_url)
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
     return path
 
 
@@ -116,7 +110,8 @@ def main():
         fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
         train_entries, val_entries, test_entries = split_instruction_data(entries, args.seed, fractions)
 
-        model = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
+        with dist.main_process_first():  # one download of OpenAI's weights
+            model = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
         context_size = model.config["context_size"]
         max_length = args.max_length or context_size
         if not 1 < max_length <= context_size:

@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,17 @@ def add_training_args(parser, *, epochs=1, batch_size=8, lr=3e-4, eval_interval=
     return group
 
 
+def add_init_args(parser, *, init, config="tiny"):
+    """--init, --config and --models-dir: where a training script's starting weights come from."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--init", default=init,
+                       help="starting weights: 'scratch' (with --config), a GPT-2 size (124M, 355M, 774M, 1558M) "
+                            "or a checkpoint path (default: %(default)s)")
+    group.add_argument("--config", default=config, help="GPT_CONFIGS name or JSON file for --init scratch (default: %(default)s)")
+    group.add_argument("--models-dir", default="gpt2", help="where OpenAI's weights are kept (default: %(default)s)")
+    return group
+
+
 def last_checkpoint_path(out):
     """checkpoints/model.pt -> checkpoints/model.last.pt, the checkpoint that resumes training."""
     return Path(out).with_suffix(".last.pt")
@@ -87,6 +98,20 @@ class Distributed:
     @property
     def is_main(self):
         return self.rank == 0
+
+    @contextmanager
+    def main_process_first(self):
+        """The main process runs the block first (a download), then the others (reading it from disk)."""
+        if not self.is_main:
+            torch_dist.barrier()
+        yield
+        if self.is_main and self.world_size > 1:
+            torch_dist.barrier()
+
+    def wait_for_main_process(self):
+        """Sync point, e.g. so that a checkpoint the main process writes is complete before others read it."""
+        if self.world_size > 1:
+            torch_dist.barrier()
 
     def all_reduce_sum(self, tensor):
         if self.world_size > 1:
