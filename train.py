@@ -13,8 +13,10 @@ from modules.checkpoint import initial_model
 from modules.data import load_tokens, train_val_windows
 from modules.errors import UserError, run_main
 from modules.generation import generate
-from modules.tokenizer import encode, get_tokenizer
-from modules.training import TrainingTask, add_training_args, cleanup_distributed, setup_distributed, train
+from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
+from modules.training import (
+    TrainingTask, add_init_args, add_training_args, cleanup_distributed, setup_distributed, train,
+)
 
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "shakespeare"
 
@@ -30,7 +32,7 @@ class PretrainingTask(TrainingTask):
         if not self.sample_tokens:
             return None
         device = next(model.parameters()).device
-        input_ids = torch.tensor([encode(self.sample_prompt)], device=device)
+        input_ids = torch.tensor([encode(self.sample_prompt) or [END_OF_TEXT_ID]], device=device)
         output = generate(model, input_ids, self.sample_tokens)
         return get_tokenizer().decode(output[0, input_ids.shape[1]:].tolist())
 
@@ -43,10 +45,7 @@ def parse_args():
     parser.add_argument("--data", type=Path, default=DEFAULT_CORPUS,
                         help="a .txt file, a folder of .txt files, or a .bin of uint16 GPT-2 tokens (default: the bundled corpus)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the tokens held out for validation (default: %(default)s)")
-    parser.add_argument("--init", default="scratch",
-                        help="starting weights: 'scratch' (with --config), a GPT-2 size (124M, 355M, 774M, 1558M) or a checkpoint path")
-    parser.add_argument("--config", default="tiny", help="GPT_CONFIGS name or JSON file for --init scratch (default: %(default)s)")
-    parser.add_argument("--models-dir", default="gpt2", help="where OpenAI's weights are kept (default: %(default)s)")
+    add_init_args(parser, init="scratch")
     parser.add_argument("--context-size", type=int, default=None,
                         help="tokens per training window (default and maximum: the model's context size)")
     parser.add_argument("--sample-prompt", default="To be, or not to be", help="prompt of the sample shown at each evaluation")
@@ -61,7 +60,8 @@ def main():
     dist = setup_distributed(args.device)
     try:
         torch.manual_seed(args.seed)
-        model = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
+        with dist.main_process_first():  # one download of OpenAI's weights
+            model = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
         context_size = args.context_size or model.config["context_size"]
         if not 1 < context_size <= model.config["context_size"]:
             raise UserError(f"--context-size must be between 2 and the model's {model.config['context_size']}")

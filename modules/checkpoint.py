@@ -16,6 +16,7 @@ import torch
 
 from .config import ConfigError
 from .errors import UserError
+from .lora import merged_state_dict
 from .model import GPTModel
 
 KINDS = ("lm", "instruct", "classifier")
@@ -37,11 +38,13 @@ def unwrap(model):
 
 
 def save_checkpoint(path, model, kind, **extra):
-    """Write `model` (config and weights) plus `extra` entries to `path` atomically."""
+    """Write `model` (config and weights) plus `extra` entries to `path` atomically.
+
+    LoRA adapters are stored merged into their weights, so the checkpoint loads into a plain GPTModel."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     model = unwrap(model)
-    payload = {"config": model.config, "kind": kind, "model_state_dict": model.state_dict(), **extra}
+    payload = {"config": model.config, "kind": kind, "model_state_dict": merged_state_dict(model), **extra}
     atomic_save(payload, path)
 
 

@@ -6,7 +6,23 @@ classified padding); here each message is read at its own last real token.
 """
 import torch
 
+from .model import GPTModel
 from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
+
+
+def classifier_from_lm(model, num_classes, drop_rate=None):
+    """A GPTModel with `model`'s weights whose head scores `num_classes` classes instead of tokens.
+
+    The language-model head (tied to the token embedding) gives way to a new Linear, initialised like
+    the model's other layers; drop_rate, when given, replaces the model's dropout rate."""
+    config = {**model.config, "num_classes": num_classes}
+    if drop_rate is not None:
+        config["drop_rate"] = drop_rate
+    head = torch.nn.Linear(config["embedding_dim"], num_classes)
+    GPTModel._init_weights(head)
+    state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("out_head.")}
+    state.update({f"out_head.{name}": tensor for name, tensor in head.state_dict().items()})
+    return GPTModel.from_state_dict(config, state)
 
 
 def encode_for_classification(texts, max_length, tokenizer=None):

@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .device import get_device
 from .errors import UserError
 from .files import atomic_write_text, exclusive_output
+from .lora import lora_state_dict
 from .optim import make_optimizer
 
 
@@ -62,6 +63,17 @@ def add_training_args(parser, *, epochs=1, batch_size=8, lr=3e-4, eval_interval=
     return group
 
 
+def add_init_args(parser, *, init, config="tiny"):
+    """--init, --config and --models-dir: where a training script's starting weights come from."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--init", default=init,
+                       help="starting weights: 'scratch' (with --config), a GPT-2 size (124M, 355M, 774M, 1558M) "
+                            "or a checkpoint path (default: %(default)s)")
+    group.add_argument("--config", default=config, help="GPT_CONFIGS name or JSON file for --init scratch (default: %(default)s)")
+    group.add_argument("--models-dir", default="gpt2", help="where OpenAI's weights are kept (default: %(default)s)")
+    return group
+
+
 def last_checkpoint_path(out):
     """checkpoints/model.pt -> checkpoints/model.last.pt, the checkpoint that resumes training."""
     return Path(out).with_suffix(".last.pt")
@@ -86,6 +98,20 @@ class Distributed:
     @property
     def is_main(self):
         return self.rank == 0
+
+    @contextmanager
+    def main_process_first(self):
+        """The main process runs the block first (a download), then the others (reading it from disk)."""
+        if not self.is_main:
+            torch_dist.barrier()
+        yield
+        if self.is_main and self.world_size > 1:
+            torch_dist.barrier()
+
+    def wait_for_main_process(self):
+        """Sync point, e.g. so that a checkpoint the main process writes is complete before others read it."""
+        if self.world_size > 1:
+            torch_dist.barrier()
 
     def all_reduce_sum(self, tensor):
         if self.world_size > 1:
@@ -359,6 +385,8 @@ class Trainer:
                 "evaluations": self.evaluations,
                 "global_batch": self.global_batch,
                 "train_samples": len(self.task.train_set),
+                # Checkpoints hold LoRA adapters merged into the weights; resuming needs them apart.
+                "lora_state_dict": lora_state_dict(self.model),
             }
         save_checkpoint(path, self.model, self.task.kind, **extra)
 
@@ -376,7 +404,7 @@ class Trainer:
                 f"resume with the same data and batch size (now {self.global_batch} and {len(self.task.train_set)})"
             )
         try:
-            self.model.load_state_dict(checkpoint["model_state_dict"])
+            self.model.load_state_dict(state.get("lora_state_dict") or checkpoint["model_state_dict"])
         except RuntimeError:
             raise UserError(f"{path} holds a different model than the one configured now; resume with the same --init/--config") from None
         self.optimizer.load_state_dict(state["optimizer_state_dict"])

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from tests.conftest import REPO
 from modules.errors import UserError
 from modules.files import atomic_write_text, exclusive_output
 

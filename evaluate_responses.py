@@ -1,0 +1,141 @@
+"""The instruction-tuned model answers the held-out test instructions; the answers go to a JSON file
+that `python gpt_eval.py` has an LLM judge score.
+
+    python evaluate_responses.py                                    # checkpoints/instruct.pt, 200 answers
+    python evaluate_responses.py --num 1000 --batch-size 32 --device cuda
+    python evaluate_responses.py --temperature 0.7 --top-p 0.9 --seed 1 --out evaluation/sampled.json
+
+The test set is the one fine_tune_instructional.py held out: the checkpoint records the data, the
+seed and the split. Answers are greedy unless --temperature is set, so the judged answers are
+reproducible. They are written as they come, and a rerun keeps every answer already made with the
+same checkpoint and settings: an interrupted run continues where it stopped.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from modules.checkpoint import load_checkpoint
+from modules.device import get_device
+from modules.errors import UserError, run_main
+from modules.files import atomic_write_text, exclusive_output
+from modules.instructions import (fetch_alpaca, file_sha256, format_prompt, generate_responses, load_instruction_data,
+                                  split_instruction_data)
+from modules.tokenizer import get_tokenizer
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/instruct.pt"),
+                        help="an 'instruct' checkpoint from fine_tune_instructional.py (default: %(default)s)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="the instruction data, when it is no longer where the checkpoint says it was")
+    parser.add_argument("--num", type=int, default=200, help="answer the first N test records (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts answered together (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 answers greedily (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens reaching this probability")
+    parser.add_argument("--seed", type=int, default=123, help="random seed for sampling (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("evaluation/responses.json"),
+                        help="the JSON list of answers to write (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    args = parser.parse_args()
+    if args.num < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("--num, --batch-size and --max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0 (0 is greedy)")
+    return args
+
+
+def test_entries(checkpoint, metadata, data_override=None):
+    """The test set fine_tune_instructional.py held out, rebuilt from what the checkpoint records."""
+    info = metadata.get("data")
+    if not info:
+        raise UserError(f"{checkpoint} does not record the data it was tuned on; make it with fine_tune_instructional.py")
+    path = data_override or Path(info["path"])
+    if data_override is None and not path.is_file():
+        if not info.get("url"):
+            raise UserError(f"{path}, the data {checkpoint} was tuned on, is missing; pass its new place with --data PATH")
+        fetch_alpaca(path, info["url"])
+    entries = load_instruction_data(path, info["limit"])
+    if file_sha256(path) != info["sha256"]:
+        print(f"warning: {path} differs from the file the model was tuned on, so the test set may hold "
+              "records it was trained on", file=sys.stderr)
+    return split_instruction_data(entries, info["seed"], info["fractions"])[2]
+
+
+def record_key(record):
+    return record.get("instruction"), record.get("input", ""), record.get("output")
+
+
+def earlier_answers(out, settings):
+    """The answers already in `out` that were made with `settings`, by (instruction, input, output)."""
+    if not out.is_file():
+        return {}
+    try:
+        records = json.loads(out.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{out} exists but is not a JSON list of answers; move it away or choose another --out") from None
+    if not isinstance(records, list):
+        raise UserError(f"{out} exists but is not a JSON list of answers; move it away or choose another --out")
+    return {record_key(record): record["model_response"] for record in records
+            if isinstance(record, dict) and record.get("generation") == settings and "model_response" in record}
+
+
+def write_answers(out, results):
+    """The answers made so far, in test-set order, written whole or not at all."""
+    answered = [result for result in results if result]
+    atomic_write_text(out, json.dumps(answered, indent=2, ensure_ascii=False))
+
+
+def answer(model, selected, settings, args, generator):
+    """Answer the `selected` entries into --out, keeping the answers made earlier with `settings` and
+    saving after each batch; returns how many were kept."""
+    earlier = earlier_answers(args.out, settings)
+    results = [{**entry, "model_response": earlier[record_key(entry)], "generation": settings}
+               if record_key(entry) in earlier else None for entry in selected]
+    pending = [index for index, result in enumerate(results) if result is None]
+    # Prompts of similar length batch with little padding; the longest go first, so a batch too big
+    # for the memory fails at once rather than at the end.
+    tokenizer = get_tokenizer()
+    pending.sort(key=lambda index: -len(tokenizer.encode_ordinary(format_prompt(selected[index]))))
+    write_answers(args.out, results)
+    with tqdm(total=len(selected), initial=len(selected) - len(pending), desc="answering", unit="answer") as bar:
+        for start in range(0, len(pending), args.batch_size):
+            batch = pending[start:start + args.batch_size]
+            responses = generate_responses(model, [selected[index] for index in batch], args.max_new_tokens,
+                                           args.temperature, args.top_k, args.top_p, generator)
+            for index, response in zip(batch, responses):
+                results[index] = {**selected[index], "model_response": response, "generation": settings}
+            write_answers(args.out, results)
+            bar.update(len(batch))
+    return len(selected) - len(pending)
+
+
+def main():
+    args = parse_args()
+    device = get_device(args.device)
+    model = load_checkpoint(args.checkpoint, device, kinds=("instruct",))
+    test = test_entries(args.checkpoint, model.metadata, args.data)
+    selected = test[:args.num]
+    if args.num > len(test):
+        print(f"the test set has {len(test)} records; answering all of them")
+
+    sampling = args.temperature > 0
+    settings = {"checkpoint": str(args.checkpoint.resolve()), "checkpoint_mtime_ns": args.checkpoint.stat().st_mtime_ns,
+                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "top_k": args.top_k if sampling else None, "top_p": args.top_p if sampling else None,
+                "seed": args.seed if sampling else None}
+    generator = torch.Generator(device=device).manual_seed(args.seed) if sampling else None
+    with exclusive_output(args.out):
+        kept = answer(model, selected, settings, args, generator)
+    print(f"{len(selected)} answers in {args.out} ({kept} kept from an earlier run). "
+          f"Next: python gpt_eval.py --data {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

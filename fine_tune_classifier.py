@@ -1,0 +1,181 @@
+"""Fine-tune a GPT into an SMS spam classifier (UCI's SMS Spam Collection), or classify with one.
+
+    python fine_tune_classifier.py                                  # GPT-2 124M, 5 epochs; downloads data and weights once
+    python fine_tune_classifier.py --init checkpoints/pretrained.pt --train-all --lr 5e-4   # from a train.py model
+    python fine_tune_classifier.py --init scratch --config tiny --lr 1e-3
+    python fine_tune_classifier.py --lora-rank 16 --lr 1e-3         # LoRA adapters instead of the last block
+    python fine_tune_classifier.py --classify "You won a prize! Call now"
+
+The output head becomes a 2-class Linear that reads each message's last real token. By default only
+the last transformer block, the final LayerNorm and the head train, as in the original project
+(everything trains with --init scratch or --train-all).
+"""
+import argparse
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from modules.checkpoint import initial_model, load_checkpoint, read_checkpoint
+from modules.classification import classifier_from_lm, classify, encode_for_classification, last_token_logits
+from modules.device import get_device
+from modules.errors import UserError, run_main
+from modules.lora import apply_lora, merge_lora
+from modules.sms_spam import (LABEL_NAMES, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam, read_messages, split,
+                              split_paths, write_splits)
+from modules.tokenizer import encode
+from modules.training import (
+    TrainingTask, add_init_args, add_training_args, cleanup_distributed, setup_distributed, train,
+)
+
+
+class ClassifierTask(TrainingTask):
+    """Cross-entropy on the logits of each message's last real token; accuracy as a second metric."""
+
+    kind = "classifier"
+    metric_names = ("loss", "accuracy")
+
+    def __init__(self, train_set, val_set, max_length):
+        super().__init__(train_set, val_set)
+        self.max_length = max_length
+
+    def collate(self, samples):
+        texts, labels = zip(*samples)
+        input_ids, lengths = encode_for_classification(texts, self.max_length)
+        return {"input_ids": input_ids, "lengths": lengths, "labels": torch.tensor(labels)}
+
+    def logits(self, model, batch):
+        return last_token_logits(model, batch["input_ids"], batch["lengths"]).float()
+
+    def loss(self, model, batch):
+        return F.cross_entropy(self.logits(model, batch), batch["labels"])
+
+    def metrics(self, model, batch):
+        logits, labels = self.logits(model, batch), batch["labels"]
+        size = len(labels)
+        return {"loss": (F.cross_entropy(logits, labels, reduction="sum").item(), size),
+                "accuracy": ((logits.argmax(dim=-1) == labels).sum().item(), size)}
+
+    def num_tokens(self, batch):
+        return int(batch["lengths"].sum())
+
+    def checkpoint_metadata(self):
+        return {"label_names": list(LABEL_NAMES), "max_length": self.max_length}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, default=None,
+                      help="a local data set: UCI's SMSSpamCollection (label<TAB>text lines) or a .csv with label and "
+                           "text columns (default: download UCI's zip into --data-dir)")
+    data.add_argument("--data-dir", type=Path, default=Path("data"), help="where the download is kept (default: %(default)s)")
+    data.add_argument("--data-url", default=SMS_SPAM_URL, help="where to download the data set from (default: UCI)")
+    data.add_argument("--no-balance", action="store_true",
+                      help="keep every message (by default ham is undersampled to the number of spam messages)")
+    data.add_argument("--max-length", type=int, default=None,
+                      help="tokens read per message; longer ones are truncated (default: the longest training "
+                           "message, at most the model's context)")
+    model = add_init_args(parser, init="124M")
+    model.add_argument("--drop-rate", type=float, default=0.0, help="dropout while fine-tuning (default: %(default)s)")
+    trainable = model.add_mutually_exclusive_group()
+    trainable.add_argument("--train-all", action="store_true",
+                           help="train every weight (default with --init scratch; otherwise only the last block, "
+                                "the final norm and the head train)")
+    trainable.add_argument("--lora-rank", type=int, default=None,
+                           help="train LoRA adapters of this rank in every block, and the head, instead")
+    model.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha; updates are scaled by alpha/rank (default: %(default)s)")
+    use = parser.add_argument_group("classifying with a trained model")
+    use.add_argument("--classify", nargs="+", metavar="TEXT", help="print the label and probability of each TEXT, then exit")
+    use.add_argument("--checkpoint", type=Path, default=None, help="the classifier checkpoint for --classify (default: --out)")
+    add_training_args(parser, epochs=5, batch_size=8, lr=5e-5, eval_interval=None, eval_batches=10,
+                      weight_decay=0.1, out="checkpoints/classifier.pt")
+    return parser.parse_args(argv)
+
+
+def load_splits(args, dist):
+    """Training, validation and test DataFrames, written as CSVs beside the checkpoint."""
+    with dist.main_process_first():
+        messages = read_messages(args.data or fetch_sms_spam(args.data_dir, args.data_url))
+    if not args.no_balance:
+        messages = balance(messages, args.seed)
+    splits = split(messages, args.seed)
+    if dist.is_main:
+        write_splits(splits, args.out)
+    return splits
+
+
+def build_model(args, dist):
+    """The classifier: --init's weights with a 2-class head, and the parameters chosen to train frozen or not."""
+    with dist.main_process_first():
+        lm = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
+    model = classifier_from_lm(lm, len(LABEL_NAMES), args.drop_rate)
+    if args.lora_rank:
+        apply_lora(model, args.lora_rank, args.lora_alpha)
+        model.out_head.requires_grad_(True)  # the new head is random: it must train in full
+    elif not args.train_all and args.init != "scratch":  # random weights hold nothing worth keeping frozen
+        model.requires_grad_(False)
+        for module in (model.blocks[-1], model.final_norm, model.out_head):
+            module.requires_grad_(True)
+    return model
+
+
+def choose_max_length(requested, train_texts, context_size):
+    if requested is None:
+        return min(context_size, max(len(encode(text)) for text in train_texts))
+    if not 1 <= requested <= context_size:
+        raise UserError(f"--max-length must be between 1 and the model's context size {context_size}, not {requested}")
+    return requested
+
+
+def evaluate_best(trainer, out, datasets):
+    """{split_metric: value} of the best checkpoint on the whole of each dataset."""
+    trainer.dist.wait_for_main_process()  # it may still be writing the best checkpoint
+    model = merge_lora(trainer.model)  # the checkpoint holds merged weights
+    model.load_state_dict(read_checkpoint(out, kinds=("classifier",))["model_state_dict"])
+    return {f"{split_name}_{name}": value
+            for split_name, dataset in datasets.items()
+            for name, value in trainer.evaluate_dataset(dataset).items()}
+
+
+def fine_tune(args):
+    dist = setup_distributed(args.device)
+    try:
+        torch.manual_seed(args.seed)
+        train_messages, val_messages, test_messages = load_splits(args, dist)
+        model = build_model(args, dist)
+        max_length = choose_max_length(args.max_length, train_messages["text"], model.config["context_size"])
+        task = ClassifierTask(as_samples(train_messages), as_samples(val_messages), max_length)
+        if dist.is_main:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"{len(train_messages)} training, {len(val_messages)} validation, {len(test_messages)} test messages "
+                  f"(splits in {split_paths(args.out)['train'].parent}); {max_length} tokens at most per message; "
+                  f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on {dist.device}")
+        trainer = train(model, task, args, dist)
+        final = evaluate_best(trainer, args.out, {"train": task.train_set, "val": task.val_set,
+                                                  "test": as_samples(test_messages)})
+        if dist.is_main:
+            trainer.write_reports(final)
+            print(" | ".join(f"{split_name} accuracy {final[f'{split_name}_accuracy']:.2%}" for split_name in ("train", "val", "test"))
+                  + f"; best model {args.out}, metrics, plot and splits beside it")
+    finally:
+        cleanup_distributed()
+
+
+def classify_texts(args):
+    model = load_checkpoint(args.checkpoint or args.out, get_device(args.device), kinds=("classifier",))
+    for text in args.classify:
+        label, probability = classify(model, text)
+        print(f"{label} ({probability:.1%}): {text}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.classify:
+        classify_texts(args)
+    else:
+        fine_tune(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,154 @@
+"""Instruction tuning: teach GPT-2 to follow instructions on Stanford Alpaca, as the original did.
+
+    python fine_tune_instructional.py                      # GPT-2 124M on the first 10,000 Alpaca records
+    python fine_tune_instructional.py --data my_data.jsonl --init 355M --mask-prompt
+    python fine_tune_instructional.py --lora-rank 16 --lora-alpha 32   # LoRA adapters on a frozen model
+    torchrun --nproc_per_node 4 fine_tune_instructional.py --batch-size 32
+
+The records are shuffled with --seed and split 80/10/10 into training, validation and test sets; the
+checkpoint records how, so `python evaluate_responses.py` answers the same test set and
+`python gpt_eval.py` has an LLM judge score the answers.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from modules.checkpoint import initial_model
+from modules.lora import apply_lora
+from modules.errors import UserError, run_main
+from modules.instructions import (ALPACA_URL, IGNORE_INDEX, InstructionDataset, collate_instructions, fetch_alpaca,
+                                  file_sha256, generate_responses, load_instruction_data, split_instruction_data)
+from modules.training import (
+    TrainingTask, add_init_args, add_training_args, cleanup_distributed, setup_distributed, train,
+)
+
+
+class InstructionTask(TrainingTask):
+    """Next-token prediction on Alpaca-formatted examples; prints the model's greedy answer to the
+    first validation instruction at each evaluation."""
+
+    kind = "instruct"
+
+    def __init__(self, train_set, val_set, max_length, mask_prompt, sample_tokens, metadata):
+        super().__init__(train_set, val_set)
+        self.max_length, self.mask_prompt, self.sample_tokens = max_length, mask_prompt, sample_tokens
+        self.metadata = metadata
+
+    def collate(self, samples):
+        input_ids, targets = collate_instructions(samples, self.max_length, self.mask_prompt)
+        return {"input_ids": input_ids, "targets": targets}
+
+    def loss(self, model, batch):
+        """Mean over the target tokens; zero for a batch that has none (every response cut off by
+        --max-length under --mask-prompt), where the mean would be NaN and poison the weights."""
+        logits = model(batch["input_ids"])
+        targets = batch["targets"].flatten()
+        total = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets,
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+    def num_tokens(self, batch):
+        return int((batch["targets"] != IGNORE_INDEX).sum())
+
+    def sample(self, model):
+        if not self.sample_tokens:
+            return None
+        entry = self.val_set.entries[0]
+        return f"{entry['instruction']} => {generate_responses(model, [entry], self.sample_tokens)[0]}"
+
+    def checkpoint_metadata(self):
+        return self.metadata
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, default=None,
+                      help="a JSON list or JSONL file of instruction/input/output records "
+                           "(default: Stanford Alpaca, downloaded into --data-dir)")
+    data.add_argument("--data-dir", type=Path, default=Path("data"), help="where Alpaca is kept (default: %(default)s)")
+    data.add_argument("--data-url", default=ALPACA_URL, help="where Alpaca is downloaded from (default: %(default)s)")
+    data.add_argument("--limit", type=int, default=10000,
+                      help="use the first N records, 0 for all (default: %(default)s, as the original)")
+    data.add_argument("--val-fraction", type=float, default=0.1, help="share of the records for validation (default: %(default)s)")
+    data.add_argument("--test-fraction", type=float, default=0.1,
+                      help="share of the records held out for evaluate_responses.py (default: %(default)s)")
+    data.add_argument("--max-length", type=int, default=None,
+                      help="cut examples to this many tokens (default and maximum: the model's context size)")
+    data.add_argument("--mask-prompt", action="store_true", help="train on the response tokens only, not on the prompt")
+    model = add_init_args(parser, init="124M")
+    model.add_argument("--lora-rank", type=int, default=0,
+                       help="train rank-r LoRA adapters on a frozen model instead of every weight; 0 for full "
+                            "fine-tuning (default: %(default)s). They are merged into the weights when saved")
+    model.add_argument("--lora-alpha", type=float, default=None,
+                       help="LoRA scale: the update is multiplied by alpha / rank (default: the rank, a scale of 1)")
+    model.add_argument("--sample-tokens", type=int, default=64,
+                       help="tokens of the answer shown at each evaluation, 0 for none (default: %(default)s)")
+    add_training_args(parser, epochs=2, batch_size=8, lr=5e-5, eval_interval=100, eval_batches=5,
+                      out="checkpoints/instruct.pt")
+    return parser.parse_args()
+
+
+def instruction_data_path(args, dist):
+    """--data, or Alpaca in --data-dir, downloaded once by the main process while the others wait."""
+    if args.data is not None:
+        return args.data
+    path = args.data_dir / "alpaca_data.json"
+    with dist.main_process_first():
+        fetch_alpaca(path, args.data_url)
+    return path
+
+
+def main():
+    args = parse_args()
+    dist = setup_distributed(args.device)
+    try:
+        torch.manual_seed(args.seed)
+        data_path = instruction_data_path(args, dist)
+        entries = load_instruction_data(data_path, limit=args.limit or None)
+        fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
+        train_entries, val_entries, test_entries = split_instruction_data(entries, args.seed, fractions)
+
+        with dist.main_process_first():  # one download of OpenAI's weights
+            model = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
+        context_size = model.config["context_size"]
+        max_length = args.max_length or context_size
+        if not 1 < max_length <= context_size:
+            raise UserError(f"--max-length must be between 2 and the model's context size {context_size}")
+        if args.lora_rank < 0:
+            raise UserError("--lora-rank must be positive (or 0 for full fine-tuning)")
+        lora_alpha = args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)
+        if args.lora_rank:
+            apply_lora(model, args.lora_rank, lora_alpha)
+
+        train_set, val_set, test_set = (InstructionDataset(part) for part in (train_entries, val_entries, test_entries))
+        # What evaluate_responses.py needs to rebuild the same test set.
+        metadata = {
+            "data": {"path": str(data_path), "url": None if args.data else args.data_url, "limit": args.limit or None,
+                     "seed": args.seed, "fractions": list(fractions), "records": len(entries),
+                     "sha256": file_sha256(data_path)},
+            "max_length": max_length, "mask_prompt": args.mask_prompt,
+            "lora": {"rank": args.lora_rank, "alpha": lora_alpha} if args.lora_rank else None,
+        }
+        task = InstructionTask(train_set, val_set, max_length, args.mask_prompt, args.sample_tokens, metadata)
+        if dist.is_main:
+            cut = sum(len(ids) > max_length for ids, _ in train_set)
+            print(f"{len(train_set):,} training, {len(val_set):,} validation and {len(test_set):,} test records "
+                  f"from {data_path}; {cut:,} training examples are longer than {max_length} tokens and get cut")
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"{sum(p.numel() for p in model.parameters()):,} parameters ({trained:,} trained) on {dist.device}")
+
+        trainer = train(model, task, args, dist)
+        test_loss = trainer.evaluate_dataset(test_set)["loss"]
+        if dist.is_main:
+            metrics = trainer.write_reports({"test_loss": test_loss})
+            print(f"done: train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} "
+                  f"(best {metrics['best_val_loss']:.3f}), test loss {test_loss:.3f}; best model {args.out}, "
+                  f"plot and metrics beside it. Next: python evaluate_responses.py --checkpoint {args.out}")
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,91 @@
+"""LoRA (Hu et al., 2021): fine-tune a large model by training a small low-rank update of its weights.
+
+A frozen Linear computes x W^T; LoRA adds (alpha / rank) * x A B with A (in x rank) and B (rank x out),
+rank much smaller than in and out. B starts at zero, so training starts from exactly the pretrained
+model, and only A and B (a fraction of a percent of the parameters) receive gradients and optimizer
+state. Dividing by rank (the paper's scaling; the original project scaled by alpha alone) lets the
+rank change without retuning the learning rate.
+
+After training, merge_lora() folds each update into its Linear (W + scale * (A B)^T): the model is a
+plain GPTModel again, as fast as before, and its checkpoint loads like any other.
+"""
+import math
+
+import torch
+from torch import nn
+
+# The Linear layers of a transformer block; the embeddings and the (tied) output head stay as they are.
+LORA_TARGETS = ("qkv_proj", "out_proj", "expand", "project")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"the LoRA rank must be at least 1, not {rank}")
+        self.linear = linear
+        self.linear.requires_grad_(False)
+        self.scaling = alpha / rank
+        self.A = nn.Parameter(torch.empty(linear.in_features, rank, device=linear.weight.device, dtype=linear.weight.dtype))
+        self.B = nn.Parameter(torch.zeros(rank, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype))
+        # A as nn.Linear initialises its weights (the paper's choice); B = 0 makes the update start at zero.
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.linear(x) + self.scaling * (x @ self.A @ self.B)
+
+    def merged_weight(self):
+        """The Linear's weight with the update folded in: W + scale * (A B)^T, shaped (out, in) like W."""
+        return self.linear.weight + self.scaling * (self.A @ self.B).T
+
+
+def apply_lora(model, rank, alpha):
+    """Wrap the Linear layers of every transformer block in LoRALinear and freeze everything else.
+
+    Returns the model (changed in place). Parameters that must still train fully (a new
+    classification head) are unfrozen by the caller afterwards."""
+    model.requires_grad_(False)
+    for block in model.blocks:
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if name in LORA_TARGETS and isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha))
+    return model
+
+
+def has_lora(model):
+    return any(isinstance(module, LoRALinear) for module in model.modules())
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Replace every LoRALinear by a plain nn.Linear holding the merged weight (in place); returns the model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                child.linear.weight.copy_(child.merged_weight())
+                setattr(parent, name, child.linear)
+    return model
+
+
+@torch.no_grad()
+def merged_state_dict(model):
+    """model.state_dict() as the merged model would have it, leaving `model` unchanged: the form in
+    which checkpoints store weights, so every checkpoint loads into a plain GPTModel."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            prefix = f"{name}."
+            del state[prefix + "A"], state[prefix + "B"], state[prefix + "linear.weight"]
+            state[prefix + "weight"] = module.merged_weight()
+            if prefix + "linear.bias" in state:
+                state[prefix + "bias"] = state.pop(prefix + "linear.bias")
+    return state
+
+
+def lora_state_dict(model):
+    """The unmerged state of a model with LoRA layers (frozen weights and adapters apart), {} without
+    them: what resuming a LoRA run needs, since checkpoints hold merged weights."""
+    return model.state_dict() if has_lora(model) else {}

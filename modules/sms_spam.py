@@ -1,0 +1,135 @@
+"""The SMS Spam Collection (UCI): 5,574 text messages labelled ham (legitimate) or spam.
+
+Read from UCI's zip by default, or from a local file: UCI's tab-separated SMSSpamCollection
+(`label<TAB>text` per line, no header) or a CSV with `label` and `text` columns. As in the original
+project, the classes are balanced by undersampling ham to the number of spam messages, then shuffled
+and split 70/10/20 into training, validation and test sets with a fixed seed.
+"""
+import warnings
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+
+from .download import download_file
+from .errors import UserError
+from .files import atomic_write_text
+
+SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+LABEL_NAMES = ("ham", "spam")  # class index 0 and 1
+DATA_FILE = "SMSSpamCollection"
+LOCAL_HINT = "--data PATH (UCI's SMSSpamCollection file, or a CSV with label and text columns)"
+
+
+# ----------------------------------------------------------------------------- getting the file
+def fetch_sms_spam(data_dir, url=SMS_SPAM_URL):
+    """Path of SMSSpamCollection in `data_dir`, downloading and extracting UCI's zip when it is not there."""
+    data_dir = Path(data_dir)
+    path = data_dir / DATA_FILE
+    if path.is_file():
+        return path
+    archive = download_file(url, data_dir / "sms_spam_collection.zip", hint=f"Without network access, pass {LOCAL_HINT}.")
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            text = zipped.read(DATA_FILE).decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError):
+        raise UserError(f"{archive} is not UCI's zip holding {DATA_FILE}: delete it and run again, or pass {LOCAL_HINT}") from None
+    atomic_write_text(path, text)  # a half-extracted file would pass for the data set next time
+    return path
+
+
+# ----------------------------------------------------------------------------- reading it
+def read_messages(path):
+    """A DataFrame with columns `label` ("ham" or "spam") and `text`, one row per message.
+
+    A .csv file is read as CSV with a header naming `label` and `text` columns (any case); anything
+    else as UCI's tab-separated format. A malformed line stops with its number and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--data {path} does not exist; give UCI's SMSSpamCollection file or a CSV with label and text columns")
+    try:
+        rows = list(_read_csv(path) if path.suffix.lower() == ".csv" else _read_tsv(path))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}): convert it to UTF-8 first") from None
+    messages = []
+    for line_number, label, text in rows:
+        label = label.strip().lower()
+        if label not in LABEL_NAMES:
+            raise UserError(f"{path}, line {line_number}: expected the label 'ham' or 'spam', found {label!r}")
+        if not text.strip():
+            raise UserError(f"{path}, line {line_number}: the {label} message is empty; every message needs a text")
+        messages.append((label, text))
+    if not messages:
+        raise UserError(f"{path} holds no messages")
+    return pd.DataFrame(messages, columns=["label", "text"])
+
+
+def _read_tsv(path):
+    """(line number, label, text) of each non-blank line of `label<TAB>text` lines."""
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            label, tab, text = line.partition("\t")
+            if not tab:
+                raise UserError(f"{path}, line {line_number}: expected a label (ham or spam), a tab, then the message; found no tab")
+            yield line_number, label, text
+
+
+def _read_csv(path):
+    """(line number, label, text) of each row of a CSV with `label` and `text` columns."""
+    try:
+        with warnings.catch_warnings():
+            # pandas only warns when a row has more fields than the header, and drops the extra ones.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty; expected a CSV with label and text columns") from None
+    except pd.errors.ParserError as error:
+        raise UserError(f"{path} is not a valid CSV: {str(error).strip()} (quote texts that hold commas)") from None
+    except pd.errors.ParserWarning:
+        raise UserError(f"{path} is not a valid CSV: a row has more fields than the header (quote texts that hold commas)") from None
+    columns = {name.strip().lower(): name for name in frame.columns}
+    if not {"label", "text"} <= columns.keys():
+        raise UserError(f"{path}, line 1: expected a header with 'label' and 'text' columns, found {list(frame.columns)}")
+    # A quoted field can span lines, so a row's line is 2 (after the header) plus the lines of the rows before it.
+    lines_per_row = 1 + frame.map(lambda value: value.count("\n")).sum(axis=1)
+    first_lines = 2 + lines_per_row.cumsum() - lines_per_row
+    return zip(first_lines, frame[columns["label"]], frame[columns["text"]])
+
+
+# ----------------------------------------------------------------------------- preparing the splits
+def balance(messages, seed):
+    """Undersample the larger class (ham) to the size of the smaller one (spam)."""
+    counts = messages["label"].value_counts()
+    if len(counts) < len(LABEL_NAMES):
+        raise UserError(f"the data holds only {counts.index[0]} messages; a classifier needs both ham and spam examples")
+    return messages.groupby("label", group_keys=False).sample(n=counts.min(), random_state=seed)
+
+
+def split(messages, seed, train_fraction=0.7, val_fraction=0.1):
+    """Shuffle, then cut into training, validation and test sets (the rest, 20% by default)."""
+    messages = messages.sample(frac=1, random_state=seed).reset_index(drop=True)
+    train_end = int(len(messages) * train_fraction)
+    val_end = train_end + int(len(messages) * val_fraction)
+    if not 0 < train_end < val_end < len(messages):
+        raise UserError(f"{len(messages)} messages are too few for training, validation and test sets; use at least 10")
+    return messages[:train_end], messages[train_end:val_end], messages[val_end:]
+
+
+def split_paths(checkpoint):
+    """Where the splits are written, beside the checkpoint: classifier.pt -> classifier.train.csv ..."""
+    checkpoint = Path(checkpoint)
+    return {name: checkpoint.with_name(f"{checkpoint.stem}.{name}.csv") for name in ("train", "validation", "test")}
+
+
+def write_splits(splits, checkpoint):
+    """Save the (train, validation, test) DataFrames as CSVs that --data can read back."""
+    for frame, path in zip(splits, split_paths(checkpoint).values()):
+        atomic_write_text(path, frame.to_csv(index=False))
+
+
+def as_samples(messages):
+    """[(text, class index)] for the training loop."""
+    return [(text, LABEL_NAMES.index(label)) for label, text in zip(messages["label"], messages["text"])]
