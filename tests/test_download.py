@@ -49,8 +49,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path in server.cut_once:  # announce everything, send half, hang up
             server.cut_once.discard(self.path)
             body = body[: len(body) // 2]
+        server.bytes_sent += len(body)  # counted before writing: the client may finish before write() returns
         self.wfile.write(body)
-        server.bytes_sent += len(body)
 
 
 class _QuietServer(ThreadingHTTPServer):
