@@ -47,11 +47,7 @@ def test_merge_gives_the_same_logits_as_the_adapted_model():
     torch.testing.assert_close(model.blocks[0].feed_forward.expand.linear.weight, base_weight)
 
     merged = merge_lora(model)
-<<<<<<< HEAD
-    assert not has_lora(merged) and isinstance(merged.blocks[0].feed_forward.expand, nn.Linear)
-=======
     assert not has_lora(merged) and type(merged.blocks[0].feed_forward.expand) is Linear
->>>>>>> issue-8
     assert (merged(ids) - adapted).abs().max() < 1e-4
     assert set(merged.state_dict()) == set(GPTModel(CONFIG).state_dict())
 
