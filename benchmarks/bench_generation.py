@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     Row, add_common_args, benchmark_config, common_flags, memory_read_bandwidth, model_pair, peak_memory_bytes,
-    reference_model, report_from_worker, run_and_print, run_workers, setup, timed,
+    one_side_model, report_from_worker, run_and_print, run_workers, setup, timed,
 )
 from modules.errors import run_main  # noqa: E402
 from modules.generation import generate  # noqa: E402
@@ -80,15 +80,9 @@ def bandwidth_row(model, speeds, device, args):
 
 def worker(args):
     """One side alone in this fresh process: generate at batch 1 and report the peak memory."""
-    from modules import GPTModel
-
     device = setup(args)
     config = benchmark_config(args)
-    if args.worker == "ours":
-        torch.manual_seed(args.seed)
-        model = GPTModel(config).to(device)
-    else:
-        model = reference_model(config, args.seed, device)
+    model = one_side_model(args.worker, config, args.seed, device)
     generator_of(args.worker, model)(make_prompt(config, 1, args, device), args.new_tokens)
     report_from_worker({"peak_memory": peak_memory_bytes(device)})
 

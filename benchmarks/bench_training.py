@@ -3,6 +3,10 @@ AdamW step), ours against transformers' GPT2LMHeadModel on the same weights, bat
 one process, alternating step by step; model FLOPs utilisation against an fp32 matmul this script
 times on the same threads; then the peak memory of each side in a fresh process.
 
+On the CPU, our training loop makes glibc keep freed memory (modules.device.keep_freed_memory). That is
+process-wide, so in the speed run it serves the reference as well; its fresh memory process runs
+transformers as it ships, without it.
+
     python benchmarks/bench_training.py                    # 124M, batch 8 x 256 tokens
     python benchmarks/bench_training.py --size 355M --device cuda
 
@@ -24,8 +28,9 @@ from torch.nn import functional as F  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     Row, add_common_args, benchmark_config, common_flags, matmul_peak_flops, model_pair, peak_memory_bytes,
-    reference_model, report_from_worker, run_and_print, run_workers, setup, timed,
+    one_side_model, report_from_worker, run_and_print, run_workers, setup, timed,
 )
+from modules.device import keep_freed_memory  # noqa: E402
 from modules.errors import run_main  # noqa: E402
 from modules.optim import make_optimizer  # noqa: E402
 
@@ -88,6 +93,8 @@ def make_step(model, device, inputs, targets):
 
 def training_speeds(args, config, device):
     """{side: [tokens/s per timed step]}, the sides alternating step by step."""
+    if device.type == "cpu":
+        keep_freed_memory()  # as the Trainer does
     ours, reference = model_pair(config, args.seed, device)
     if args.compile:
         ours = torch.compile(ours)  # shares the parameters of the model it wraps
@@ -104,16 +111,13 @@ def training_speeds(args, config, device):
 
 def worker(args):
     """One side alone in this fresh process: a few training steps, then the peak memory."""
-    from modules import GPTModel
-
     device = setup(args)
     config = benchmark_config(args)
-    if args.worker == "ours":
-        torch.manual_seed(args.seed)
-        model = GPTModel(config).to(device)
-        model = torch.compile(model) if args.compile else model
-    else:
-        model = reference_model(config, args.seed, device)
+    if args.worker == "ours" and device.type == "cpu":
+        keep_freed_memory()  # as the Trainer does
+    model = one_side_model(args.worker, config, args.seed, device)
+    if args.worker == "ours" and args.compile:
+        model = torch.compile(model)
     step = make_step(model, device, *make_batch(config, args, device))
     for _ in range(args.memory_steps):
         step()

@@ -90,6 +90,17 @@ def model_pair(config, seed, device):
     return ours_from_reference(reference, config), reference
 
 
+def one_side_model(side, config, seed, device):
+    """The model of one side alone ("ours" or "reference"), for a fresh process that measures its memory:
+    ours is built directly, not converted from a reference that would stay in memory."""
+    if side == "reference":
+        return reference_model(config, seed, device)
+    from modules import GPTModel
+
+    torch.manual_seed(seed)
+    return GPTModel(config).to(device)
+
+
 # ----------------------------------------------------------------------------- measuring
 def synchronize(device):
     if device.type == "cuda":

@@ -11,7 +11,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from app import find_checkpoints, plain_text_as_markdown
+from app import GENERATION_DEFAULTS, find_checkpoints, plain_text_as_markdown
 from modules import GPTModel, GPT_CONFIGS
 from modules.checkpoint import load_checkpoint, save_checkpoint
 from modules.classification import classify
@@ -234,7 +234,7 @@ def app_server(tmp_path):
 def test_in_a_real_browser(sync_playwright, app_server, tmp_path):  # skips before the server starts
     url, folder = app_server
     prompt = "Every effort moves you 🙂"
-    completion = "".join(stream_text(load_checkpoint(folder / "lm.pt"), prompt, 20, temperature=0.8, top_k=50, seed=3))
+    completion = "".join(stream_text(load_checkpoint(folder / "lm.pt"), prompt, **GENERATION_DEFAULTS["lm"], seed=3))
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path="/usr/bin/chromium",
@@ -254,11 +254,14 @@ def test_in_a_real_browser(sync_playwright, app_server, tmp_path):  # skips befo
             output = page.locator(".st-key-output")
             output.wait_for()
             expected = " ".join((prompt + completion).split())
-            page.wait_for_function(
-                "expected => { const e = document.querySelector('.st-key-output');"
-                " return e && e.innerText.split(/\\s+/).join(' ').trim() === expected; }",
-                arg=expected,
-            )
+            try:
+                page.wait_for_function(
+                    "expected => { const e = document.querySelector('.st-key-output');"
+                    " return e && e.innerText.split(/\\s+/).join(' ').trim() === expected; }",
+                    arg=expected,
+                )
+            except Exception:
+                raise AssertionError(f"expected {expected!r}, the page shows {output.inner_text()!r}")
             page.screenshot(path=tmp_path / "app-lm.png", full_page=True)
 
             page.get_by_label("Checkpoint").click()  # Streamlit's selectbox opens a list of options
