@@ -21,7 +21,7 @@ from modules.classification import classify
 from modules.device import get_device
 from modules.errors import UserError
 from modules.generation import stream_text
-from modules.instructions import format_prompt
+from modules.datasets.instructions import format_prompt
 
 # Sampling makes a small pretrained model read better; instruction tuning is judged on greedy answers,
 # as in the original. Each kind keeps its own widget values.

@@ -22,7 +22,7 @@ from modules.checkpoint import load_checkpoint
 from modules.device import get_device
 from modules.errors import UserError, run_main
 from modules.files import atomic_write_text, exclusive_output
-from modules.instructions import (fetch_alpaca, file_sha256, format_prompt, generate_responses, load_instruction_data,
+from modules.datasets.instructions import (fetch_alpaca, file_sha256, format_prompt, generate_responses, load_instruction_data,
                                   split_instruction_data)
 from modules.tokenizer import get_tokenizer
 

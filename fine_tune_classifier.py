@@ -21,7 +21,7 @@ from modules.classification import classifier_from_lm, classify, encode_for_clas
 from modules.device import get_device
 from modules.errors import UserError, run_main
 from modules.lora import apply_lora, merge_lora
-from modules.sms_spam import (LABEL_NAMES, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam, read_messages, split,
+from modules.datasets.sms_spam import (LABEL_NAMES, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam, read_messages, split,
                               split_paths, write_splits)
 from modules.tokenizer import encode
 from modules.training import (

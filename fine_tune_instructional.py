@@ -17,7 +17,7 @@ import torch
 from modules.checkpoint import initial_model
 from modules.lora import apply_lora
 from modules.errors import UserError, run_main
-from modules.instructions import (ALPACA_URL, IGNORE_INDEX, InstructionDataset, collate_instructions, fetch_alpaca,
+from modules.datasets.instructions import (ALPACA_URL, IGNORE_INDEX, InstructionDataset, collate_instructions, fetch_alpaca,
                                   file_sha256, generate_responses, load_instruction_data, split_instruction_data)
 from modules.training import (
     TrainingTask, add_init_args, add_training_args, cleanup_distributed, setup_distributed, train,

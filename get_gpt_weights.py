@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from modules import GPTModel
+from modules.speed import empty_model, model_from_state_dict
 from modules.checkpoint import save_checkpoint
 from modules.config import ConfigError, validate_config
 from modules.device import get_device
@@ -238,12 +238,12 @@ def _build_gpt2(config, variables, read_tensor, config_path):
                             f"describes ({config['num_layers']} layers)")
     largest_first = sorted(expected, key=lambda name: -expected[name].numel())
     tensors = ((name, read_tensor(variables[name][0]).float()) for name in largest_first)
-    return GPTModel.from_state_dict(config, convert_gpt2_weights(tensors)).eval()
+    return model_from_state_dict(config, convert_gpt2_weights(tensors)).eval()
 
 
 def _expected_shapes(config):
     """{OpenAI name: our parameter's shape} for every weight a model of `config` has."""
-    state_dict = GPTModel.on_meta_device(config).state_dict()
+    state_dict = empty_model(config).state_dict()
     names = list(_GLOBAL_NAMES) + [f"h{layer}/{name}" for layer in range(config["num_layers"]) for name in _LAYER_NAMES]
     return {name: state_dict[gpt2_name_to_ours(name)].shape for name in names}
 

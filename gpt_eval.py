@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from modules.errors import UserError, run_main
 from modules.files import atomic_write_text, exclusive_output
-from modules.instructions import format_input
+from modules.datasets.instructions import format_input
 
 THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)  # reasoning models (DeepSeek-R1, Qwen3) think aloud first
 FRACTION = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*(\d+(?:\.\d+)?)", re.IGNORECASE)

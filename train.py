@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from modules.checkpoint import initial_model
-from modules.data import load_tokens, train_val_windows
+from modules.datasets.corpus import load_tokens, train_val_windows
 from modules.errors import UserError, run_main
 from modules.generation import generate
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer

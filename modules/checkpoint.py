@@ -18,6 +18,7 @@ from .config import ConfigError
 from .errors import UserError
 from .lora import merged_state_dict
 from .model import GPTModel
+from .speed import model_from_state_dict
 
 KINDS = ("lm", "instruct", "classifier")
 HOW_TO_MAKE_ONE = (
@@ -97,7 +98,7 @@ def read_checkpoint(path, kinds=None, map_location="cpu", mmap=False):
 def model_from_checkpoint(checkpoint, path="checkpoint"):
     """Build the GPTModel a checkpoint dict describes."""
     try:
-        return GPTModel.from_state_dict(checkpoint["config"], checkpoint["model_state_dict"])
+        return model_from_state_dict(checkpoint["config"], checkpoint["model_state_dict"])
     except (ConfigError, RuntimeError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: the weights do not fit the config stored with them ({error})") from None
 

@@ -25,11 +25,12 @@ from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from .checkpoint import read_checkpoint, save_checkpoint
-from .device import get_device, keep_freed_memory
+from .device import get_device
 from .errors import UserError
 from .files import atomic_write_text, exclusive_output
 from .lora import lora_state_dict
 from .optim import make_optimizer
+from .speed import keep_freed_memory
 
 
 # ----------------------------------------------------------------------------- command line

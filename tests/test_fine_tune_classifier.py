@@ -18,7 +18,7 @@ from modules.classification import classifier_from_lm, encode_for_classification
 from modules.errors import UserError
 from modules.model import GPTModel
 from modules.training import Trainer
-from modules.sms_spam import balance, fetch_sms_spam, read_messages, split
+from modules.datasets.sms_spam import balance, fetch_sms_spam, read_messages, split
 
 SPAM_WORDS = "win prize cash claim free urgent reward".split()
 HAM_WORDS = "meeting lunch tomorrow see you later home".split()

@@ -14,7 +14,7 @@ from tests.conftest import MICRO_CONFIG, run_script
 from modules import GPTModel
 from modules.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from modules.errors import UserError
-from modules.instructions import split_instruction_data
+from modules.datasets.instructions import split_instruction_data
 from modules.lora import apply_lora
 
 NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()

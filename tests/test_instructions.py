@@ -5,7 +5,7 @@ import torch
 
 from tests.conftest import SHARED_DATA
 from modules.errors import UserError
-from modules.instructions import (IGNORE_INDEX, InstructionDataset, collate_instructions, extract_response,
+from modules.datasets.instructions import (IGNORE_INDEX, InstructionDataset, collate_instructions, extract_response,
                                   fetch_alpaca, format_example, format_prompt, load_instruction_data,
                                   split_instruction_data)
 from modules.tokenizer import END_OF_TEXT_ID, get_tokenizer

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import REPO, run_script
 from modules.checkpoint import load_checkpoint, read_checkpoint
-from modules.data import load_tokens
+from modules.datasets.corpus import load_tokens
 from modules.errors import UserError
 
 
@@ -81,5 +81,5 @@ def test_missing_data_and_resume_without_checkpoint(tmp_path, small_corpus, micr
     result = run_script(*micro_train_args(small_corpus, micro_config, tmp_path / "m.pt", "--resume"), check=False)
     assert result.returncode == 1 and "nothing to resume" in result.stderr
     with pytest.raises(UserError, match="too few"):
-        from modules.data import train_val_windows
+        from modules.datasets.corpus import train_val_windows
         train_val_windows(np.zeros(10, np.uint16), 32, 0.1)

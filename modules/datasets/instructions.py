@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .download import download_file
-from .errors import UserError
-from .generation import generate
-from .tokenizer import END_OF_TEXT_ID, get_tokenizer
+from ..download import download_file
+from ..errors import UserError
+from ..generation import generate
+from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 PROMPT_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."

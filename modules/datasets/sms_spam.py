@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .download import download_file
-from .errors import UserError
-from .files import atomic_write_text
+from ..download import download_file
+from ..errors import UserError
+from ..files import atomic_write_text
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 LABEL_NAMES = ("ham", "spam")  # class index 0 and 1

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import UserError
-from .tokenizer import END_OF_TEXT_ID, get_tokenizer
+from ..errors import UserError
+from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 CHUNK_CHARACTERS = 1 << 20  # tokenize a large file a megabyte at a time
 
