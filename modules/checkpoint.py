@@ -7,15 +7,14 @@ Writes are atomic (a temporary file in the same folder, then a rename), so a cra
 leaves the previous checkpoint intact. Reads use weights_only=True: a checkpoint can hold tensors
 and plain Python values but never code that runs when it is opened.
 """
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError
 from .errors import UserError
+from .files import atomic_file
 from .lora import merged_state_dict
 from .model import GPTModel
 from .speed import model_from_state_dict
@@ -50,21 +49,12 @@ def save_checkpoint(path, model, kind, **extra):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """torch.save `obj` to `path` whole or not at all (modules/files.py's atomic_file)."""
     try:
-        with os.fdopen(descriptor, "wb") as file:
+        with atomic_file(path) as file:
             torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CheckpointError(f"could not write {path}: {error.strerror or error}; any previous file there is unchanged") from None
-        raise
+    except OSError as error:
+        raise CheckpointError(f"could not write {path}: {error.strerror or error}; any previous file there is unchanged") from None
 
 
 def read_checkpoint(path, kinds=None, map_location="cpu", mmap=False):
