@@ -32,7 +32,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from modules.speed import keep_freed_memory  # noqa: E402
 from modules.errors import run_main  # noqa: E402
-from modules.optim import make_optimizer  # noqa: E402
+from modules.training.optimizer import make_optimizer  # noqa: E402
 
 TARGET_MFU = 0.85
 

@@ -16,7 +16,6 @@ from .config import ConfigError
 from .errors import UserError
 from .files import atomic_file
 from .lora import merged_state_dict
-from .model import GPTModel
 from .speed import model_from_state_dict
 
 KINDS = ("lm", "instruct", "classifier")
@@ -108,26 +107,3 @@ def load_checkpoint(path, device="cpu", kinds=None):
         if key not in ("config", "kind", "model_state_dict") and not key.endswith("state_dict") and key != "train_state"
     }
     return model
-
-
-def initial_model(init, config_name="tiny", kinds=("lm", "instruct"), models_dir="gpt2"):
-    """The starting model of a training script's --init:
-    "scratch" (random weights of --config), a GPT-2 size such as "124M" (OpenAI's weights, downloaded
-    into `models_dir` when missing), or the path of a checkpoint of one of `kinds`."""
-    from .config import GPT_CONFIGS, resolve_config
-
-    if init == "scratch":
-        try:
-            return GPTModel(resolve_config(config_name))
-        except ConfigError as error:
-            raise UserError(f"--config: {error}") from None
-    if init in GPT_CONFIGS and not Path(init).exists():
-        import get_gpt_weights  # imports TensorFlow, so only when OpenAI weights are asked for
-
-        return get_gpt_weights.load_gpt2(get_gpt_weights.download_gpt2(init, models_dir))
-    if not Path(init).exists():
-        raise CheckpointError(
-            f"--init {init}: no such checkpoint; use a checkpoint path, a GPT-2 size "
-            f"(124M, 355M, 774M, 1558M) or 'scratch' with --config"
-        )
-    return model_from_checkpoint(read_checkpoint(init, kinds), init)

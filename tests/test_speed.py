@@ -1,4 +1,4 @@
-"""The speed machinery (modules/speed/, modules/optim.py) computes what the plain versions compute."""
+"""The speed machinery (modules/speed/, modules/training/optimizer.py) computes what the plain versions compute."""
 import copy
 import time
 
@@ -7,7 +7,7 @@ import torch
 
 from modules import GPTModel, GPT_CONFIGS
 from modules.generation import generate
-from modules.optim import make_optimizer
+from modules.training.optimizer import make_optimizer
 from modules.speed import empty_model, model_from_state_dict, use_fastest_linear_kernels
 from modules.speed import kernels
 

@@ -10,6 +10,7 @@ import torch
 from ..download import download_file
 from ..errors import UserError
 from ..generation import generate
+from ..loss import IGNORE_INDEX
 from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 PROMPT_HEADER = (
@@ -17,7 +18,6 @@ PROMPT_HEADER = (
 )
 RESPONSE_MARKER = "\n\n### Response:\n"
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
-IGNORE_INDEX = -100  # cross_entropy's ignore_index: targets that do not count in the loss
 
 
 # ----------------------------------------------------------------------------- the prompt
