@@ -1,4 +1,5 @@
-"""Writing files so that nothing is lost: whole or not at all, and one writer at a time."""
+"""Writing files so that nothing is lost: whole or not at all, and one writer at a time; reading JSON
+with one clear message when the file is not what it should be."""
 import json
 import os
 import tempfile
@@ -33,19 +34,37 @@ def atomic_write_text(path, text):
         file.write(text)
 
 
-def read_json(path, what):
+def read_json(path, what, json_lines=False):
     """The JSON value in the file at `path`; a missing, non-UTF-8 or malformed file ends in a UserError
-    that says what the file should have been (`what`, e.g. "a list of answers from evaluate_responses.py")."""
+    that says what the file should have been (`what`, e.g. "a list of answers from evaluate_responses.py").
+    With `json_lines`, a file that is not one JSON document but JSON Lines (one value per line; named
+    .jsonl, or starting with "{") gives the list of its values."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; it should be {what}")
     try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not UTF-8 text (byte {error.start}); it should be {what}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
-                        f"it should be {what}") from None
+        if not (json_lines and (path.suffix == ".jsonl" or text.lstrip().startswith("{"))):
+            raise UserError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                            f"it should be {what}") from None
+    return _json_lines_values(path, text, what)
+
+
+def _json_lines_values(path, text, what):
+    values = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path} line {number} is not valid JSON ({error.msg}); it should be {what}, "
+                                "one value per line") from None
+    return values
 
 
 def _process_alive(pid):
