@@ -18,12 +18,13 @@ import torch
 from tqdm import tqdm
 
 from modules.checkpoint import load_checkpoint
+from modules.datasets.instructions import (fetch_alpaca, file_sha256, format_prompt, generate_responses,
+                                           load_instruction_data, split_instruction_data)
 from modules.device import get_device
 from modules.errors import UserError, run_main
 from modules.files import exclusive_output
-from modules.datasets.instructions import (fetch_alpaca, file_sha256, format_prompt, generate_responses,
-                                           load_instruction_data, split_instruction_data)
 from modules.results import ResumableResults
+from modules.speed import use_fastest_linear_kernels
 from modules.tokenizer import get_tokenizer
 
 
@@ -98,7 +99,7 @@ def answer_test_records(model, selected, settings, args, generator):
 def main():
     args = parse_args()
     device = get_device(args.device)
-    model = load_checkpoint(args.checkpoint, device, kinds=("instruct",))
+    model = use_fastest_linear_kernels(load_checkpoint(args.checkpoint, device, kinds=("instruct",)))
     test = held_out_test_records(args.checkpoint, model.metadata, args.data)
     selected = test[:args.num]
     if args.num > len(test):
