@@ -17,6 +17,7 @@ from .errors import UserError
 from .files import atomic_file
 from .lora import merged_state_dict
 from .model import GPTModel
+from .pretrained import download_gpt2, load_gpt2
 from .speed import model_from_state_dict
 
 KINDS = ("lm", "instruct", "classifier")
@@ -122,9 +123,7 @@ def initial_model(init, config_name="tiny", kinds=("lm", "instruct"), models_dir
         except ConfigError as error:
             raise UserError(f"--config: {error}") from None
     if init in GPT_CONFIGS and not Path(init).exists():
-        import get_gpt_weights  # imports TensorFlow, so only when OpenAI weights are asked for
-
-        return get_gpt_weights.load_gpt2(get_gpt_weights.download_gpt2(init, models_dir))
+        return load_gpt2(download_gpt2(init, models_dir))
     if not Path(init).exists():
         raise CheckpointError(
             f"--init {init}: no such checkpoint; use a checkpoint path, a GPT-2 size "

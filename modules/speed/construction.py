@@ -26,7 +26,7 @@ class _SkipInitialisers(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _INITIALISERS:
-            return args[0]
+            return args[0] if args else kwargs["tensor"]  # nn.init passes its tensor by keyword
         return func(*args, **(kwargs or {}))
 
 
