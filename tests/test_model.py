@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from get_gpt_weights import convert_gpt2_weights, hf_name_to_gpt2
 from modules import GPTModel, GPT_CONFIGS
 from modules.attention import written_out_attention
+from modules.pretrained import convert_gpt2_weights, hf_name_to_gpt2
 from modules.speed import model_from_state_dict
 
 transformers = pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ from ..checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from ..config import ConfigError, resolve_config
 from ..errors import UserError
 from ..model import GPTModel
-from ..pretrained import MODEL_SIZES
+from ..pretrained import MODEL_SIZES, download_gpt2, load_gpt2
 
 
 def add_init_args(parser, *, init, config="tiny"):
@@ -29,8 +29,6 @@ def initial_model(init, config_name="tiny", kinds=("lm", "instruct"), models_dir
         except ConfigError as error:
             raise UserError(f"--config: {error}") from None
     if init in MODEL_SIZES and not Path(init).exists():
-        from ..pretrained import download_gpt2, load_gpt2  # TensorFlow, only when OpenAI's weights are asked for
-
         return load_gpt2(download_gpt2(init, models_dir))
     if not Path(init).exists():
         raise CheckpointError(f"--init {init}: no such checkpoint; use a checkpoint path, a GPT-2 size "
