@@ -24,7 +24,8 @@ from modules.lora import apply_lora
 from modules.datasets.sms_spam import (LABEL_NAMES, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam, read_messages, split,
                               split_paths, write_splits)
 from modules.tokenizer import encode
-from modules.training import TrainingTask, add_init_args, add_training_args, parameter_summary, train, training_run
+from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
+                              training_run)
 
 
 class ClassifierTask(TrainingTask):
@@ -128,9 +129,9 @@ def choose_max_length(requested, train_texts, context_size):
 
 
 def fine_tune(args):
-    with training_run(args) as (settings, process, lm):
+    with training_run(args) as (settings, process):
         train_messages, val_messages, test_messages = load_splits(args, process)
-        model = as_classifier(lm, args)
+        model = as_classifier(starting_model(args, process), args)
         max_length = choose_max_length(args.max_length, train_messages["text"], model.config["context_size"])
         task = ClassifierTask(as_samples(train_messages), as_samples(val_messages), max_length)
         if process.is_main:

@@ -18,7 +18,8 @@ from modules.datasets.instructions import (ALPACA_URL, InstructionDataset, colla
 from modules.errors import check_flag, run_main
 from modules.lora import apply_lora
 from modules.loss import IGNORE_INDEX
-from modules.training import TrainingTask, add_init_args, add_training_args, parameter_summary, train, training_run
+from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
+                              training_run)
 
 
 class InstructionTask(TrainingTask):
@@ -90,11 +91,12 @@ def instruction_data_path(args, process):
 
 def main():
     args = parse_args()
-    with training_run(args) as (settings, process, model):
+    with training_run(args) as (settings, process):
         data_path = instruction_data_path(args, process)
         entries = load_instruction_data(data_path, limit=args.limit or None)
         fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
         train_entries, val_entries, test_entries = split_instruction_data(entries, args.seed, fractions)
+        model = starting_model(args, process)
         context_size = model.config["context_size"]
         max_length = args.max_length or context_size
         check_flag("max_length", max_length, lambda length: 1 < length <= context_size,

@@ -22,6 +22,7 @@ from modules.errors import UserError, run_main
 from modules.generation import stream_text
 # load_gpt2 stays importable from this script: `from get_gpt_weights import load_gpt2` is the original project's import.
 from modules.pretrained import BASE_URL, MODEL_SIZES, download_gpt2, load_gpt2, load_gpt2_from_hf
+from modules.speed import use_fastest_linear_kernels
 from modules.tokenizer import END_OF_TEXT_ID
 
 
@@ -80,7 +81,7 @@ def main():
     if args.save:
         save_checkpoint(args.save, model, "lm", source=str(source))
         print(f"Saved {args.save}; start other scripts from it with --init {args.save}")
-    print_sample(model.to(device), args.prompt, args.max_new_tokens)
+    print_sample(use_fastest_linear_kernels(model.to(device)), args.prompt, args.max_new_tokens)
 
 
 if __name__ == "__main__":

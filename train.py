@@ -13,7 +13,8 @@ from modules.datasets.corpus import load_tokens, train_val_windows
 from modules.errors import UserError, run_main
 from modules.generation import generate
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
-from modules.training import TrainingTask, add_init_args, add_training_args, parameter_summary, train, training_run
+from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
+                              training_run)
 
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "shakespeare"
 
@@ -54,7 +55,8 @@ def parse_args():
 
 def main():
     args = parse_args()
-    with training_run(args) as (settings, process, model):
+    with training_run(args) as (settings, process):
+        model = starting_model(args, process)
         context_size = args.context_size or model.config["context_size"]
         if not 1 < context_size <= model.config["context_size"]:
             raise UserError(f"--context-size must be between 2 and the model's {model.config['context_size']}")

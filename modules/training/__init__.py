@@ -15,8 +15,8 @@
 from .loop import train
 from .settings import TrainingSettings, add_training_args
 from .starting_weights import add_init_args, initial_model
-from .startup import parameter_summary, training_run
+from .startup import parameter_summary, starting_model, training_run
 from .task import TrainingTask
 
 __all__ = ["TrainingSettings", "TrainingTask", "add_init_args", "add_training_args", "initial_model",
-           "parameter_summary", "train", "training_run"]
+           "parameter_summary", "starting_model", "train", "training_run"]

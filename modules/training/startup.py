@@ -10,19 +10,23 @@ from .starting_weights import initial_model
 
 
 @contextmanager
-def training_run(args, kinds=("lm", "instruct")):
-    """Yields (settings, process, model) for a script's parsed flags (add_training_args and add_init_args):
-    the TrainingSettings, the TrainingProcess, and the model --init asks for, a checkpoint of which must be
-    of one of `kinds`. The main process loads the model first (a download of OpenAI's weights happens once)."""
+def training_run(args):
+    """Yields (settings, process) for a script's parsed flags: the TrainingSettings (checked) and the
+    TrainingProcess, with the random numbers seeded; the process group is left however the block ends."""
     settings = TrainingSettings.from_args(args)
     process = join_processes(settings.device)
     try:
         torch.manual_seed(settings.seed)
-        with process.main_process_first():
-            model = initial_model(args.init, args.config, kinds, args.models_dir)
-        yield settings, process, model
+        yield settings, process
     finally:
         leave_processes()
+
+
+def starting_model(args, process, kinds=("lm", "instruct")):
+    """The model the flags of add_init_args ask for; a checkpoint must be of one of `kinds`. The main
+    process loads it first, so that a download of OpenAI's weights happens once."""
+    with process.main_process_first():
+        return initial_model(args.init, args.config, kinds, args.models_dir)
 
 
 def parameter_summary(model):
