@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from modules.checkpoint import load_checkpoint
 from modules.classification import classifier_from_lm, classify, encode_for_classification, last_token_logits
 from modules.device import get_device
+from modules.download import add_download_args
 from modules.errors import UserError, check_flag, run_main
 from modules.lora import apply_lora
 from modules.datasets.sms_spam import (LABEL_NAMES, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam, read_messages, split,
@@ -64,12 +65,9 @@ class ClassifierTask(TrainingTask):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, default=None,
-                      help="a local data set: UCI's SMSSpamCollection (label<TAB>text lines) or a .csv with label and "
-                           "text columns (default: download UCI's zip into --data-dir)")
-    data.add_argument("--data-dir", type=Path, default=Path("data"), help="where the download is kept (default: %(default)s)")
-    data.add_argument("--data-url", default=SMS_SPAM_URL, help="where to download the data set from (default: UCI)")
+    data = add_download_args(parser, "a local data set: UCI's SMSSpamCollection (label<TAB>text lines) or a .csv with "
+                                     "label and text columns (default: download UCI's zip into --data-dir)",
+                             SMS_SPAM_URL, "the SMS Spam Collection")
     data.add_argument("--no-balance", action="store_true",
                       help="keep every message (by default ham is undersampled to the number of spam messages)")
     data.add_argument("--max-length", type=int, default=None,

@@ -10,11 +10,11 @@ checkpoint records how, so `python evaluate_responses.py` answers the same test 
 `python gpt_eval.py` has an LLM judge score the answers.
 """
 import argparse
-from pathlib import Path
 
 from modules.datasets.instructions import (ALPACA_URL, InstructionDataset, collate_instructions, fetch_alpaca,
                                            file_sha256, generate_responses, load_instruction_data,
                                            split_instruction_data)
+from modules.download import add_download_args
 from modules.errors import check_flag, run_main
 from modules.lora import apply_lora
 from modules.loss import IGNORE_INDEX
@@ -52,12 +52,8 @@ class InstructionTask(TrainingTask):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, default=None,
-                      help="a JSON list or JSONL file of instruction/input/output records "
-                           "(default: Stanford Alpaca, downloaded into --data-dir)")
-    data.add_argument("--data-dir", type=Path, default=Path("data"), help="where Alpaca is kept (default: %(default)s)")
-    data.add_argument("--data-url", default=ALPACA_URL, help="where Alpaca is downloaded from (default: %(default)s)")
+    data = add_download_args(parser, "a JSON list or JSONL file of instruction/input/output records "
+                                     "(default: Stanford Alpaca, downloaded into --data-dir)", ALPACA_URL, "Alpaca")
     data.add_argument("--limit", type=int, default=10000,
                       help="use the first N records, 0 for all (default: %(default)s, as the original)")
     data.add_argument("--val-fraction", type=float, default=0.1, help="share of the records for validation (default: %(default)s)")
