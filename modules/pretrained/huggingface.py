@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from modules.errors import UserError
-from modules.files import read_json
+from ..errors import UserError
+from ..files import read_json
 
 from .build import build_gpt2, config_from
 from .names import hf_name_to_gpt2

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from modules.download import download_file
-from modules.errors import UserError
-from modules.files import read_json
+from ..download import download_file
+from ..errors import UserError
+from ..files import read_json
 
 from .build import build_gpt2, config_from
 
