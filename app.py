@@ -21,7 +21,8 @@ from modules.classification import classify
 from modules.device import get_device
 from modules.errors import UserError
 from modules.generation import stream_text
-from modules.instructions import format_prompt
+from modules.speed import use_fastest_linear_kernels
+from modules.datasets.instructions import format_prompt
 
 # Sampling makes a small pretrained model read better; instruction tuning is judged on greedy answers,
 # as in the original. Each kind keeps its own widget values.
@@ -63,8 +64,9 @@ def checkpoint_kind(path, mtime_ns):
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
 def load_model(path, mtime_ns, device):
-    """The model at `path`, loaded once per file version (mtime_ns) and device, shared by all sessions."""
-    return load_checkpoint(path, device=device, kinds=KINDS)
+    """The model at `path`, loaded once per file version (mtime_ns) and device, shared by all sessions
+    (read-only: nothing changes it after this)."""
+    return use_fastest_linear_kernels(load_checkpoint(path, device=device, kinds=KINDS))
 
 
 def plain_text_as_markdown(text):

@@ -11,7 +11,6 @@ reproducible. They are written as they come, and a rerun keeps every answer alre
 same checkpoint and settings: an interrupted run continues where it stopped.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,11 +18,13 @@ import torch
 from tqdm import tqdm
 
 from modules.checkpoint import load_checkpoint
+from modules.datasets.instructions import (fetch_alpaca, file_sha256, format_prompt, generate_responses,
+                                           load_instruction_data, split_instruction_data)
 from modules.device import get_device
 from modules.errors import UserError, run_main
-from modules.files import atomic_write_text, exclusive_output
-from modules.instructions import (fetch_alpaca, file_sha256, format_prompt, generate_responses, load_instruction_data,
-                                  split_instruction_data)
+from modules.files import exclusive_output
+from modules.results import ResumableResults
+from modules.speed import use_fastest_linear_kernels
 from modules.tokenizer import get_tokenizer
 
 
@@ -51,7 +52,7 @@ def parse_args():
     return args
 
 
-def test_entries(checkpoint, metadata, data_override=None):
+def held_out_test_records(checkpoint, metadata, data_override=None):
     """The test set fine_tune_instructional.py held out, rebuilt from what the checkpoint records."""
     info = metadata.get("data")
     if not info:
@@ -72,55 +73,34 @@ def record_key(record):
     return record.get("instruction"), record.get("input", ""), record.get("output")
 
 
-def earlier_answers(out, settings):
-    """The answers already in `out` that were made with `settings`, by (instruction, input, output)."""
-    if not out.is_file():
-        return {}
-    try:
-        records = json.loads(out.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{out} exists but is not a JSON list of answers; move it away or choose another --out") from None
-    if not isinstance(records, list):
-        raise UserError(f"{out} exists but is not a JSON list of answers; move it away or choose another --out")
-    return {record_key(record): record["model_response"] for record in records
-            if isinstance(record, dict) and record.get("generation") == settings and "model_response" in record}
-
-
-def write_answers(out, results):
-    """The answers made so far, in test-set order, written whole or not at all."""
-    answered = [result for result in results if result]
-    atomic_write_text(out, json.dumps(answered, indent=2, ensure_ascii=False))
-
-
-def answer(model, selected, settings, args, generator):
-    """Answer the `selected` entries into --out, keeping the answers made earlier with `settings` and
+def answer_test_records(model, selected, settings, args, generator):
+    """Answer the `selected` records into --out, keeping the answers made earlier with `settings` and
     saving after each batch; returns how many were kept."""
-    earlier = earlier_answers(args.out, settings)
-    results = [{**entry, "model_response": earlier[record_key(entry)], "generation": settings}
-               if record_key(entry) in earlier else None for entry in selected]
-    pending = [index for index, result in enumerate(results) if result is None]
+    answers = ResumableResults(
+        args.out, selected, key=record_key, what="a JSON list of answers from evaluate_responses.py",
+        keeps=lambda record: record.get("generation") == settings and "model_response" in record,
+        to_file=lambda results: [result for result in results if result])
     # Prompts of similar length batch with little padding; the longest go first, so a batch too big
     # for the memory fails at once rather than at the end.
     tokenizer = get_tokenizer()
-    pending.sort(key=lambda index: -len(tokenizer.encode_ordinary(format_prompt(selected[index]))))
-    write_answers(args.out, results)
-    with tqdm(total=len(selected), initial=len(selected) - len(pending), desc="answering", unit="answer") as bar:
+    pending = sorted(answers.pending, key=lambda index: -len(tokenizer.encode_ordinary(format_prompt(selected[index]))))
+    answers.save()  # answers made with other settings leave the file now
+    with tqdm(total=len(selected), initial=answers.kept, desc="answering", unit="answer") as bar:
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start:start + args.batch_size]
             responses = generate_responses(model, [selected[index] for index in batch], args.max_new_tokens,
                                            args.temperature, args.top_k, args.top_p, generator)
-            for index, response in zip(batch, responses):
-                results[index] = {**selected[index], "model_response": response, "generation": settings}
-            write_answers(args.out, results)
+            answers.record({index: {**selected[index], "model_response": response, "generation": settings}
+                            for index, response in zip(batch, responses)})
             bar.update(len(batch))
-    return len(selected) - len(pending)
+    return answers.kept
 
 
 def main():
     args = parse_args()
     device = get_device(args.device)
-    model = load_checkpoint(args.checkpoint, device, kinds=("instruct",))
-    test = test_entries(args.checkpoint, model.metadata, args.data)
+    model = use_fastest_linear_kernels(load_checkpoint(args.checkpoint, device, kinds=("instruct",)))
+    test = held_out_test_records(args.checkpoint, model.metadata, args.data)
     selected = test[:args.num]
     if args.num > len(test):
         print(f"the test set has {len(test)} records; answering all of them")
@@ -132,7 +112,7 @@ def main():
                 "seed": args.seed if sampling else None}
     generator = torch.Generator(device=device).manual_seed(args.seed) if sampling else None
     with exclusive_output(args.out):
-        kept = answer(model, selected, settings, args, generator)
+        kept = answer_test_records(model, selected, settings, args, generator)
     print(f"{len(selected)} answers in {args.out} ({kept} kept from an earlier run). "
           f"Next: python gpt_eval.py --data {args.out}")
 

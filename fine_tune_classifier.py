@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from modules.checkpoint import initial_model, load_checkpoint, read_checkpoint
+from modules.checkpoint import load_checkpoint
 from modules.classification import classifier_from_lm, classify, encode_for_classification, last_token_logits
 from modules.device import get_device
-from modules.errors import UserError, run_main
-from modules.lora import apply_lora, merge_lora
-from modules.sms_spam import (LABEL_NAMES, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam, read_messages, split,
+from modules.download import add_download_args
+from modules.errors import UserError, check_flag, run_main
+from modules.lora import apply_lora
+from modules.datasets.sms_spam import (LABEL_NAMES, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam, read_messages, split,
                               split_paths, write_splits)
 from modules.tokenizer import encode
-from modules.training import (
-    TrainingTask, add_init_args, add_training_args, cleanup_distributed, setup_distributed, train,
-)
+from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
+                              training_run)
 
 
 class ClassifierTask(TrainingTask):
@@ -65,12 +65,9 @@ class ClassifierTask(TrainingTask):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, default=None,
-                      help="a local data set: UCI's SMSSpamCollection (label<TAB>text lines) or a .csv with label and "
-                           "text columns (default: download UCI's zip into --data-dir)")
-    data.add_argument("--data-dir", type=Path, default=Path("data"), help="where the download is kept (default: %(default)s)")
-    data.add_argument("--data-url", default=SMS_SPAM_URL, help="where to download the data set from (default: UCI)")
+    data = add_download_args(parser, "a local data set: UCI's SMSSpamCollection (label<TAB>text lines) or a .csv with "
+                                     "label and text columns (default: download UCI's zip into --data-dir)",
+                             SMS_SPAM_URL, "the SMS Spam Collection")
     data.add_argument("--no-balance", action="store_true",
                       help="keep every message (by default ham is undersampled to the number of spam messages)")
     data.add_argument("--max-length", type=int, default=None,
@@ -93,22 +90,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_splits(args, dist):
+def load_splits(args, process):
     """Training, validation and test DataFrames, written as CSVs beside the checkpoint."""
-    with dist.main_process_first():
+    with process.main_process_first():
         messages = read_messages(args.data or fetch_sms_spam(args.data_dir, args.data_url))
     if not args.no_balance:
         messages = balance(messages, args.seed)
     splits = split(messages, args.seed)
-    if dist.is_main:
+    if process.is_main:
         write_splits(splits, args.out)
     return splits
 
 
-def build_model(args, dist):
-    """The classifier: --init's weights with a 2-class head, and the parameters chosen to train frozen or not."""
-    with dist.main_process_first():
-        lm = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
+def as_classifier(lm, args):
+    """--init's weights with a 2-class head, and the parameters chosen to train frozen or not."""
+    check_flag("drop_rate", args.drop_rate, lambda rate: 0 <= rate < 1, "in [0, 1)")
+    check_flag("lora_rank", args.lora_rank, lambda rank: rank >= 1, ">= 1")
+    check_flag("lora_alpha", args.lora_alpha, lambda alpha: alpha > 0, "> 0")
     model = classifier_from_lm(lm, len(LABEL_NAMES), args.drop_rate)
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha)
@@ -128,38 +126,25 @@ def choose_max_length(requested, train_texts, context_size):
     return requested
 
 
-def evaluate_best(trainer, out, datasets):
-    """{split_metric: value} of the best checkpoint on the whole of each dataset."""
-    trainer.dist.wait_for_main_process()  # it may still be writing the best checkpoint
-    model = merge_lora(trainer.model)  # the checkpoint holds merged weights
-    model.load_state_dict(read_checkpoint(out, kinds=("classifier",))["model_state_dict"])
-    return {f"{split_name}_{name}": value
-            for split_name, dataset in datasets.items()
-            for name, value in trainer.evaluate_dataset(dataset).items()}
-
-
 def fine_tune(args):
-    dist = setup_distributed(args.device)
-    try:
-        torch.manual_seed(args.seed)
-        train_messages, val_messages, test_messages = load_splits(args, dist)
-        model = build_model(args, dist)
+    with training_run(args) as (settings, process):
+        train_messages, val_messages, test_messages = load_splits(args, process)
+        model = as_classifier(starting_model(args, process), args)
         max_length = choose_max_length(args.max_length, train_messages["text"], model.config["context_size"])
         task = ClassifierTask(as_samples(train_messages), as_samples(val_messages), max_length)
-        if dist.is_main:
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if process.is_main:
             print(f"{len(train_messages)} training, {len(val_messages)} validation, {len(test_messages)} test messages "
                   f"(splits in {split_paths(args.out)['train'].parent}); {max_length} tokens at most per message; "
-                  f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on {dist.device}")
-        trainer = train(model, task, args, dist)
-        final = evaluate_best(trainer, args.out, {"train": task.train_set, "val": task.val_set,
-                                                  "test": as_samples(test_messages)})
-        if dist.is_main:
+                  f"{parameter_summary(model)} on {process.device}")
+        trainer = train(model, task, settings, process)
+        trainer.load_best()
+        splits = {"train": task.train_set, "val": task.val_set, "test": as_samples(test_messages)}
+        final = {f"{split_name}_{name}": value for split_name, dataset in splits.items()
+                 for name, value in trainer.evaluate(dataset).items()}
+        if process.is_main:
             trainer.write_reports(final)
-            print(" | ".join(f"{split_name} accuracy {final[f'{split_name}_accuracy']:.2%}" for split_name in ("train", "val", "test"))
-                  + f"; best model {args.out}, metrics, plot and splits beside it")
-    finally:
-        cleanup_distributed()
+            print(" | ".join(f"{split_name} accuracy {final[f'{split_name}_accuracy']:.2%}" for split_name in splits)
+                  + f"; best model {settings.out}, metrics, plot and splits beside it")
 
 
 def classify_texts(args):

@@ -10,18 +10,16 @@ checkpoint records how, so `python evaluate_responses.py` answers the same test 
 `python gpt_eval.py` has an LLM judge score the answers.
 """
 import argparse
-from pathlib import Path
 
-import torch
-
-from modules.checkpoint import initial_model
+from modules.datasets.instructions import (ALPACA_URL, InstructionDataset, collate_instructions, fetch_alpaca,
+                                           file_sha256, generate_responses, load_instruction_data,
+                                           split_instruction_data)
+from modules.download import add_download_args
+from modules.errors import check_flag, run_main
 from modules.lora import apply_lora
-from modules.errors import UserError, run_main
-from modules.instructions import (ALPACA_URL, IGNORE_INDEX, InstructionDataset, collate_instructions, fetch_alpaca,
-                                  file_sha256, generate_responses, load_instruction_data, split_instruction_data)
-from modules.training import (
-    TrainingTask, add_init_args, add_training_args, cleanup_distributed, setup_distributed, train,
-)
+from modules.loss import IGNORE_INDEX
+from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
+                              training_run)
 
 
 class InstructionTask(TrainingTask):
@@ -39,15 +37,6 @@ class InstructionTask(TrainingTask):
         input_ids, targets = collate_instructions(samples, self.max_length, self.mask_prompt)
         return {"input_ids": input_ids, "targets": targets}
 
-    def loss(self, model, batch):
-        """Mean over the target tokens; zero for a batch that has none (every response cut off by
-        --max-length under --mask-prompt), where the mean would be NaN and poison the weights."""
-        logits = model(batch["input_ids"])
-        targets = batch["targets"].flatten()
-        total = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets,
-                                                  ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
     def num_tokens(self, batch):
         return int((batch["targets"] != IGNORE_INDEX).sum())
 
@@ -63,12 +52,8 @@ class InstructionTask(TrainingTask):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, default=None,
-                      help="a JSON list or JSONL file of instruction/input/output records "
-                           "(default: Stanford Alpaca, downloaded into --data-dir)")
-    data.add_argument("--data-dir", type=Path, default=Path("data"), help="where Alpaca is kept (default: %(default)s)")
-    data.add_argument("--data-url", default=ALPACA_URL, help="where Alpaca is downloaded from (default: %(default)s)")
+    data = add_download_args(parser, "a JSON list or JSONL file of instruction/input/output records "
+                                     "(default: Stanford Alpaca, downloaded into --data-dir)", ALPACA_URL, "Alpaca")
     data.add_argument("--limit", type=int, default=10000,
                       help="use the first N records, 0 for all (default: %(default)s, as the original)")
     data.add_argument("--val-fraction", type=float, default=0.1, help="share of the records for validation (default: %(default)s)")
@@ -90,36 +75,32 @@ def parse_args():
     return parser.parse_args()
 
 
-def instruction_data_path(args, dist):
+def instruction_data_path(args, process):
     """--data, or Alpaca in --data-dir, downloaded once by the main process while the others wait."""
     if args.data is not None:
         return args.data
     path = args.data_dir / "alpaca_data.json"
-    with dist.main_process_first():
+    with process.main_process_first():
         fetch_alpaca(path, args.data_url)
     return path
 
 
 def main():
     args = parse_args()
-    dist = setup_distributed(args.device)
-    try:
-        torch.manual_seed(args.seed)
-        data_path = instruction_data_path(args, dist)
+    with training_run(args) as (settings, process):
+        data_path = instruction_data_path(args, process)
         entries = load_instruction_data(data_path, limit=args.limit or None)
         fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
         train_entries, val_entries, test_entries = split_instruction_data(entries, args.seed, fractions)
-
-        with dist.main_process_first():  # one download of OpenAI's weights
-            model = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
+        model = starting_model(args, process)
         context_size = model.config["context_size"]
         max_length = args.max_length or context_size
-        if not 1 < max_length <= context_size:
-            raise UserError(f"--max-length must be between 2 and the model's context size {context_size}")
-        if args.lora_rank < 0:
-            raise UserError("--lora-rank must be positive (or 0 for full fine-tuning)")
+        check_flag("max_length", max_length, lambda length: 1 < length <= context_size,
+                   f"between 2 and the model's context size {context_size}")
+        check_flag("lora_rank", args.lora_rank, lambda rank: rank >= 0, ">= 0 (0 for full fine-tuning)")
         lora_alpha = args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)
         if args.lora_rank:
+            check_flag("lora_alpha", lora_alpha, lambda alpha: alpha > 0, "> 0")
             apply_lora(model, args.lora_rank, lora_alpha)
 
         train_set, val_set, test_set = (InstructionDataset(part) for part in (train_entries, val_entries, test_entries))
@@ -132,22 +113,20 @@ def main():
             "lora": {"rank": args.lora_rank, "alpha": lora_alpha} if args.lora_rank else None,
         }
         task = InstructionTask(train_set, val_set, max_length, args.mask_prompt, args.sample_tokens, metadata)
-        if dist.is_main:
+        if process.is_main:
             cut = sum(len(ids) > max_length for ids, _ in train_set)
             print(f"{len(train_set):,} training, {len(val_set):,} validation and {len(test_set):,} test records "
                   f"from {data_path}; {cut:,} training examples are longer than {max_length} tokens and get cut")
-            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"{sum(p.numel() for p in model.parameters()):,} parameters ({trained:,} trained) on {dist.device}")
+            print(f"{parameter_summary(model)} on {process.device}")
 
-        trainer = train(model, task, args, dist)
-        test_loss = trainer.evaluate_dataset(test_set)["loss"]
-        if dist.is_main:
+        trainer = train(model, task, settings, process)
+        trainer.load_best()
+        test_loss = trainer.evaluate(test_set)["loss"]
+        if process.is_main:
             metrics = trainer.write_reports({"test_loss": test_loss})
             print(f"done: train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} "
-                  f"(best {metrics['best_val_loss']:.3f}), test loss {test_loss:.3f}; best model {args.out}, "
-                  f"plot and metrics beside it. Next: python evaluate_responses.py --checkpoint {args.out}")
-    finally:
-        cleanup_distributed()
+                  f"(best {metrics['best_val_loss']:.3f}), test loss of the best model {test_loss:.3f}; best model "
+                  f"{settings.out}, plot and metrics beside it. Next: python evaluate_responses.py --checkpoint {settings.out}")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import torch
 
-from modules.checkpoint import initial_model
-from modules.data import load_tokens, train_val_windows
+from modules.datasets.corpus import load_tokens, train_val_windows
 from modules.errors import UserError, run_main
 from modules.generation import generate
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
-from modules.training import (
-    TrainingTask, add_init_args, add_training_args, cleanup_distributed, setup_distributed, train,
-)
+from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
+                              training_run)
 
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "shakespeare"
 
@@ -57,26 +55,21 @@ def parse_args():
 
 def main():
     args = parse_args()
-    dist = setup_distributed(args.device)
-    try:
-        torch.manual_seed(args.seed)
-        with dist.main_process_first():  # one download of OpenAI's weights
-            model = initial_model(args.init, args.config, kinds=("lm", "instruct"), models_dir=args.models_dir)
+    with training_run(args) as (settings, process):
+        model = starting_model(args, process)
         context_size = args.context_size or model.config["context_size"]
         if not 1 < context_size <= model.config["context_size"]:
             raise UserError(f"--context-size must be between 2 and the model's {model.config['context_size']}")
         train_set, val_set = train_val_windows(load_tokens(args.data), context_size, args.val_fraction)
-        if dist.is_main:
+        if process.is_main:
             print(f"{len(train_set):,} training and {len(val_set):,} validation windows of {context_size} tokens; "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters on {dist.device}")
+                  f"{parameter_summary(model)} on {process.device}")
         task = PretrainingTask(train_set, val_set, args.sample_prompt, args.sample_tokens)
-        trainer = train(model, task, args, dist)
-        if dist.is_main:
+        trainer = train(model, task, settings, process)
+        if process.is_main:
             metrics = trainer.final_metrics()
             print(f"done: train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} "
-                  f"(best {metrics['best_val_loss']:.3f}); best model {args.out}, plot and metrics beside it")
-    finally:
-        cleanup_distributed()
+                  f"(best {metrics['best_val_loss']:.3f}); best model {settings.out}, plot and metrics beside it")
 
 
 if __name__ == "__main__":

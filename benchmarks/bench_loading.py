@@ -1,6 +1,6 @@
 """W3, loading: wall time and memory of turning an OpenAI GPT-2 checkpoint (TensorFlow, written here in
 OpenAI's exact layout with random weights) into a GPTModel, each load in a fresh process after its imports:
-get_gpt_weights.load_gpt2 against the original project's approach (a randomly initialised GPTModel,
+modules.pretrained.load_gpt2 against the original project's approach (a randomly initialised GPTModel,
 then every TensorFlow variable read with tf.train.load_variable and copied into its parameter).
 
     python benchmarks/bench_loading.py                     # 124M
@@ -56,7 +56,7 @@ def load_like_the_original(model_dir):
     import numpy as np
     import tensorflow as tf
 
-    from get_gpt_weights import gpt2_name_to_ours
+    from modules.pretrained import gpt2_name_to_ours
     from modules import GPTModel
 
     hparams = json.loads((model_dir / "hparams.json").read_text())
@@ -77,7 +77,7 @@ def worker(args):
     """One load in this fresh process; memory counts from after the imports (TensorFlow included)."""
     import tensorflow  # noqa: F401  imported here so that neither side's load pays for it
 
-    from get_gpt_weights import load_gpt2
+    from modules.pretrained import load_gpt2
 
     setup(args)
     load = load_gpt2 if args.worker == "ours" else load_like_the_original

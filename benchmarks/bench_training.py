@@ -3,7 +3,7 @@ AdamW step), ours against transformers' GPT2LMHeadModel on the same weights, bat
 one process, alternating step by step; model FLOPs utilisation against an fp32 matmul this script
 times on the same threads; then the peak memory of each side in a fresh process.
 
-On the CPU, our training loop makes glibc keep freed memory (modules.device.keep_freed_memory). That is
+On the CPU, our training loop makes glibc keep freed memory (modules.speed.keep_freed_memory). That is
 process-wide, so in the speed run it serves the reference as well; its fresh memory process runs
 transformers as it ships, without it.
 
@@ -30,9 +30,9 @@ from benchmarks.common import (  # noqa: E402
     Row, add_common_args, benchmark_config, common_flags, matmul_peak_flops, model_pair, peak_memory_bytes,
     one_side_model, report_from_worker, run_and_print, run_workers, setup, timed,
 )
-from modules.device import keep_freed_memory  # noqa: E402
+from modules.speed import keep_freed_memory  # noqa: E402
 from modules.errors import run_main  # noqa: E402
-from modules.optim import make_optimizer  # noqa: E402
+from modules.training.optimizer import make_optimizer  # noqa: E402
 
 TARGET_MFU = 0.85
 
@@ -57,9 +57,9 @@ def parse_args(argv=None):
 
 def flops_per_token(config, tokens):
     """Training FLOPs per token, the formula of this file's docstring."""
-    from modules import GPTModel
+    from modules.speed import empty_model
 
-    model = GPTModel.on_meta_device(config)  # the parameters' shapes, nothing allocated
+    model = empty_model(config)  # the parameters' shapes, nothing allocated
     multiplying = sum(p.numel() for p in model.parameters()) - model.position_embedding.weight.numel()
     return 6 * multiplying + 12 * config["num_layers"] * tokens * config["embedding_dim"]
 

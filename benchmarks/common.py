@@ -77,11 +77,11 @@ def reference_model(config, seed, device):
 
 def ours_from_reference(hf_model, config):
     """Our GPTModel holding exactly the reference's weights (copies, so neither side shares memory)."""
-    from get_gpt_weights import convert_gpt2_weights, hf_name_to_gpt2
-    from modules import GPTModel
+    from modules.pretrained import convert_gpt2_weights, hf_name_to_gpt2
+    from modules.speed import model_from_state_dict
 
     tensors = {hf_name_to_gpt2(name): tensor.detach().clone() for name, tensor in hf_model.state_dict().items()}
-    return GPTModel.from_state_dict(config, convert_gpt2_weights(tensors))
+    return model_from_state_dict(config, convert_gpt2_weights(tensors))
 
 
 def model_pair(config, seed, device):

@@ -7,17 +7,16 @@ Writes are atomic (a temporary file in the same folder, then a rename), so a cra
 leaves the previous checkpoint intact. Reads use weights_only=True: a checkpoint can hold tensors
 and plain Python values but never code that runs when it is opened.
 """
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError
 from .errors import UserError
+from .files import atomic_file
 from .lora import merged_state_dict
-from .model import GPTModel
+from .speed import model_from_state_dict
 
 KINDS = ("lm", "instruct", "classifier")
 HOW_TO_MAKE_ONE = (
@@ -49,21 +48,12 @@ def save_checkpoint(path, model, kind, **extra):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """torch.save `obj` to `path` whole or not at all (modules/files.py's atomic_file)."""
     try:
-        with os.fdopen(descriptor, "wb") as file:
+        with atomic_file(path) as file:
             torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CheckpointError(f"could not write {path}: {error.strerror or error}; any previous file there is unchanged") from None
-        raise
+    except OSError as error:
+        raise CheckpointError(f"could not write {path}: {error.strerror or error}; any previous file there is unchanged") from None
 
 
 def read_checkpoint(path, kinds=None, map_location="cpu", mmap=False):
@@ -97,7 +87,7 @@ def read_checkpoint(path, kinds=None, map_location="cpu", mmap=False):
 def model_from_checkpoint(checkpoint, path="checkpoint"):
     """Build the GPTModel a checkpoint dict describes."""
     try:
-        return GPTModel.from_state_dict(checkpoint["config"], checkpoint["model_state_dict"])
+        return model_from_state_dict(checkpoint["config"], checkpoint["model_state_dict"])
     except (ConfigError, RuntimeError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: the weights do not fit the config stored with them ({error})") from None
 
@@ -117,26 +107,3 @@ def load_checkpoint(path, device="cpu", kinds=None):
         if key not in ("config", "kind", "model_state_dict") and not key.endswith("state_dict") and key != "train_state"
     }
     return model
-
-
-def initial_model(init, config_name="tiny", kinds=("lm", "instruct"), models_dir="gpt2"):
-    """The starting model of a training script's --init:
-    "scratch" (random weights of --config), a GPT-2 size such as "124M" (OpenAI's weights, downloaded
-    into `models_dir` when missing), or the path of a checkpoint of one of `kinds`."""
-    from .config import GPT_CONFIGS, resolve_config
-
-    if init == "scratch":
-        try:
-            return GPTModel(resolve_config(config_name))
-        except ConfigError as error:
-            raise UserError(f"--config: {error}") from None
-    if init in GPT_CONFIGS and not Path(init).exists():
-        import get_gpt_weights  # imports TensorFlow, so only when OpenAI weights are asked for
-
-        return get_gpt_weights.load_gpt2(get_gpt_weights.download_gpt2(init, models_dir))
-    if not Path(init).exists():
-        raise CheckpointError(
-            f"--init {init}: no such checkpoint; use a checkpoint path, a GPT-2 size "
-            f"(124M, 355M, 774M, 1558M) or 'scratch' with --config"
-        )
-    return model_from_checkpoint(read_checkpoint(init, kinds), init)

@@ -6,7 +6,8 @@ classified padding); here each message is read at its own last real token.
 """
 import torch
 
-from .model import GPTModel
+from .model import init_weights
+from .speed import model_from_state_dict
 from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -19,10 +20,10 @@ def classifier_from_lm(model, num_classes, drop_rate=None):
     if drop_rate is not None:
         config["drop_rate"] = drop_rate
     head = torch.nn.Linear(config["embedding_dim"], num_classes)
-    GPTModel._init_weights(head)
+    init_weights(head)
     state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("out_head.")}
     state.update({f"out_head.{name}": tensor for name, tensor in head.state_dict().items()})
-    return GPTModel.from_state_dict(config, state)
+    return model_from_state_dict(config, state)
 
 
 def encode_for_classification(texts, max_length, tokenizer=None):

@@ -6,8 +6,9 @@ n_layer -> num_layers. GPT-2 has a bias on the query/key/value projection, so qk
 The small presets train on a laptop CPU in minutes; they keep GPT-2's vocabulary so every model
 here shares one tokenizer.
 """
-import json
 from pathlib import Path
+
+from .files import read_json
 
 REQUIRED_KEYS = ("vocab_size", "context_size", "embedding_dim", "num_heads", "num_layers", "drop_rate", "qkv_bias")
 
@@ -56,12 +57,7 @@ def resolve_config(name_or_path):
     path = Path(name_or_path)
     if path.suffix != ".json":
         raise ConfigError(f"unknown config {name_or_path!r}: use one of {', '.join(GPT_CONFIGS)} or a .json file")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        overrides = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"config file {path} is not valid JSON: {error}") from None
+    overrides = read_json(path, f"a model config: a JSON object with keys such as {', '.join(REQUIRED_KEYS)}")
     if not isinstance(overrides, dict):
         raise ConfigError(f"config file {path} must hold a JSON object with keys such as {', '.join(REQUIRED_KEYS)}")
     return validate_config({**GPT_CONFIGS["124M"], **overrides})

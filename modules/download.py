@@ -68,6 +68,17 @@ def download_file(url, path, expected_size=None, hint=None, retries=3, backoff_s
     return path
 
 
+def add_download_args(parser, data_help, url, what):
+    """The data flags of a script whose data set comes from the internet unless given: --data (a local
+    file), else a download from --data-url into --data-dir. Returns the argument group for more flags."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", type=Path, default=None, help=data_help)
+    group.add_argument("--data-dir", type=Path, default=Path("data"),
+                       help=f"where {what} is kept once downloaded (default: %(default)s)")
+    group.add_argument("--data-url", default=url, help=f"where {what} is downloaded from (default: %(default)s)")
+    return group
+
+
 def _size(path):
     return path.stat().st_size if path.exists() else 0
 

@@ -1,7 +1,21 @@
 from torch import nn
 from torch.nn import functional as F
 
-from .linear import Linear
+
+class FeedForward(nn.Module):
+    """Per-token MLP: widen to 4x the embedding, GELU, project back. Tokens do not mix here; attention
+    moved information between them, and this is where each token's vector is worked on."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden_dim = 4 * config["embedding_dim"]
+        self.expand = nn.Linear(config["embedding_dim"], hidden_dim)
+        self.activation = GELU()
+        self.project = nn.Linear(hidden_dim, config["embedding_dim"])
+
+    def forward(self, x):
+        """(batch, tokens, embedding_dim) -> (batch, tokens, 4 * embedding_dim) -> (batch, tokens, embedding_dim)."""
+        return self.project(self.activation(self.expand(x)))
 
 
 class GELU(nn.Module):
@@ -15,17 +29,3 @@ class GELU(nn.Module):
 
     def forward(self, x):
         return F.gelu(x, approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """Per-token MLP: widen to 4x the embedding, GELU, project back. Tokens do not mix here."""
-
-    def __init__(self, config):
-        super().__init__()
-        hidden_dim = 4 * config["embedding_dim"]
-        self.expand = Linear(config["embedding_dim"], hidden_dim)
-        self.activation = GELU()
-        self.project = Linear(hidden_dim, config["embedding_dim"])
-
-    def forward(self, x):
-        return self.project(self.activation(self.expand(x)))

@@ -1,4 +1,6 @@
-"""Writing files so that nothing is lost: whole or not at all, and one writer at a time."""
+"""Writing files so that nothing is lost: whole or not at all, and one writer at a time; reading JSON
+with one clear message when the file is not what it should be."""
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -7,21 +9,62 @@ from pathlib import Path
 from .errors import UserError
 
 
-def atomic_write_text(path, text):
-    """Write `text` to a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    a reader (or a crash) sees the old file or the new one, never half of one."""
+@contextmanager
+def atomic_file(path, mode="wb"):
+    """Open a temporary file beside `path` for writing; when the block ends, flush it to disk and rename
+    it over `path`. A reader (or a crash, or a full disk) sees the old file or the new one, never half
+    of one; if the block fails, `path` is untouched and the temporary file is gone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(descriptor, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path, text):
+    """Write `text` (UTF-8) to `path` whole or not at all (see atomic_file)."""
+    with atomic_file(path, "w") as file:
+        file.write(text)
+
+
+def read_json(path, what, json_lines=False):
+    """The JSON value in the file at `path`; a missing, non-UTF-8 or malformed file ends in a UserError
+    that says what the file should have been (`what`, e.g. "a list of answers from evaluate_responses.py").
+    With `json_lines`, a file that is not one JSON document but JSON Lines (one value per line; named
+    .jsonl, or starting with "{") gives the list of its values."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; it should be {what}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}); it should be {what}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        if not (json_lines and (path.suffix == ".jsonl" or text.lstrip().startswith("{"))):
+            raise UserError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                            f"it should be {what}") from None
+    return _json_lines_values(path, text, what)
+
+
+def _json_lines_values(path, text, what):
+    values = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path} line {number} is not valid JSON ({error.msg}); it should be {what}, "
+                                "one value per line") from None
+    return values
 
 
 def _process_alive(pid):

@@ -9,6 +9,7 @@ import codecs
 
 import torch
 
+from .inference import KVCache, next_token_logits
 from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -53,7 +54,7 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
     if attention_mask is not None:
         attention_mask = attention_mask[:, -context_size:].bool()
     batch = tokens.shape[0]
-    kv_cache = model.make_kv_cache(batch) if use_cache else None
+    kv_cache = KVCache.for_model(model, batch) if use_cache else None
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     for _ in range(max_new_tokens):
         if tokens.shape[1] > context_size:
@@ -62,12 +63,9 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
             tokens = tokens[:, -context_size:]
             attention_mask = None if attention_mask is None else attention_mask[:, -context_size:]
             if kv_cache is not None:
-                kv_cache.length = 0
-        if kv_cache is None:
-            logits = model(tokens, attention_mask=attention_mask, last_token_only=True)
-        else:
-            logits = model(tokens[:, kv_cache.length:], kv_cache, attention_mask, last_token_only=True)
-        next_token = pick_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+                kv_cache.clear()
+        logits = next_token_logits(model, tokens, attention_mask, kv_cache)
+        next_token = pick_next_token(logits, temperature, top_k, top_p, generator)
         if eos_token_id is not None:
             next_token = next_token.masked_fill(finished, eos_token_id)
             finished |= next_token == eos_token_id

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from get_gpt_weights import gpt2_name_to_ours, hf_name_to_gpt2
+from modules.pretrained import gpt2_name_to_ours, hf_name_to_gpt2
 
 BPE_DIR = Path(__file__).resolve().parents[1] / "modules" / "gpt2_bpe"
 

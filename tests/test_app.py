@@ -16,7 +16,7 @@ from modules import GPTModel, GPT_CONFIGS
 from modules.checkpoint import load_checkpoint, save_checkpoint
 from modules.classification import classify
 from modules.generation import stream_text
-from modules.instructions import format_prompt
+from modules.datasets.instructions import format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 1, "context_size": 64}

@@ -36,7 +36,7 @@ def test_device_default_and_unavailable():
 PAGE_FAULTS_OF_A_REALLOCATION = """
 import resource, sys
 import torch
-from modules.device import keep_freed_memory
+from modules.speed import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "keep" else None
 torch.ones(256 * 2**20 // 4)  # 256 MB, like the logits of a training step, freed at once
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -6,9 +6,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from get_gpt_weights import FILES, download_gpt2
 from modules.download import download_file
 from modules.errors import UserError
+from modules.pretrained import FILES, download_gpt2
 
 DATA = bytes(range(256)) * 12_000  # 3 MB: several read chunks
 

@@ -175,7 +175,7 @@ def test_row5_ctrl_c_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path,
     whole_dir, cut_dir = tmp_path / "whole", tmp_path / "cut"
     whole_dir.mkdir(), cut_dir.mkdir()
     run_script(*_fine_tuning_args(script, whole_dir, small_corpus, micro_config), *steps)
-    whole = read_checkpoint(whole_dir / "m.last.pt")["train_state"]["step_losses"]
+    whole = read_checkpoint(whole_dir / "m.last.pt")["train_state"]["progress"]["step_losses"]
 
     args = [*_fine_tuning_args(script, cut_dir, small_corpus, micro_config), *steps]
     process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
@@ -191,7 +191,7 @@ def test_row5_ctrl_c_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path,
     assert read_checkpoint(cut_dir / "m.last.pt")["step"] < 24
 
     run_script(*args, "--resume")
-    resumed = read_checkpoint(cut_dir / "m.last.pt")["train_state"]["step_losses"]
+    resumed = read_checkpoint(cut_dir / "m.last.pt")["train_state"]["progress"]["step_losses"]
     assert [step for step, *_ in resumed] == list(range(1, 25))
     assert [loss for *_, loss in resumed] == pytest.approx([loss for *_, loss in whole], abs=1e-6)
 
@@ -224,3 +224,23 @@ def test_row13_classify_empty_long_and_emoji_messages(micro_checkpoints):
                         "", "🙂 Ünïcödé " * 100, "plain")
     verdicts = [line for line in result.stdout.splitlines() if "ham" in line or "spam" in line]
     assert len(verdicts) == 3 and "Traceback" not in result.stderr
+
+
+# Row 19: a number out of range, or a data file with a header and nothing else
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-1", "--lr must be > 0, not -1.0"),
+    ("--grad-clip", "-1", "--grad-clip must be >= 0 (0 turns it off), not -1.0"),
+    ("--eval-batches", "0", "--eval-batches must be >= 1, not 0"),
+    ("--batch-size", "0", "--batch-size must be >= 1, not 0"),
+])
+def test_row19_a_number_out_of_range_names_the_flag(tmp_path, small_corpus, micro_config, flag, value, message):
+    result = run_script(*train_args(small_corpus, micro_config, tmp_path / "m.pt", flag, value), check=False)
+    assert_clear_failure(result, message)
+
+
+def test_row19_a_csv_with_a_header_and_no_messages(tmp_path, micro_config):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("label,text\n")
+    result = run_script("fine_tune_classifier.py", "--data", empty, "--init", "scratch", "--config", micro_config,
+                        "--out", tmp_path / "c.pt", check=False)
+    assert_clear_failure(result, "empty.csv holds a header but no messages")

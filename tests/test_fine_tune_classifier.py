@@ -17,8 +17,9 @@ from modules.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from modules.classification import classifier_from_lm, encode_for_classification
 from modules.errors import UserError
 from modules.model import GPTModel
-from modules.training import Trainer
-from modules.sms_spam import balance, fetch_sms_spam, read_messages, split
+from modules.training import initial_model
+from modules.training.loop import Trainer
+from modules.datasets.sms_spam import balance, fetch_sms_spam, read_messages, split
 
 SPAM_WORDS = "win prize cash claim free urgent reward".split()
 HAM_WORDS = "meeting lunch tomorrow see you later home".split()
@@ -169,15 +170,15 @@ def test_init_from_an_lm_checkpoint_keeps_its_weights_and_trains_the_last_block_
     lm = GPTModel({**MICRO_CONFIG, "num_layers": 2})
     save_checkpoint(tmp_path / "lm.pt", lm, "lm")
     args = fine_tune_classifier.parse_args(["--init", str(tmp_path / "lm.pt")])
-    dist = fine_tune_classifier.setup_distributed("cpu")
-    model = fine_tune_classifier.build_model(args, dist)
+    model = fine_tune_classifier.as_classifier(initial_model(args.init), args)
     assert model.config["num_classes"] == 2 and model.out_head.weight.shape == (2, MICRO_CONFIG["embedding_dim"])
     torch.testing.assert_close(model.blocks[0].attention.qkv_proj.weight, lm.blocks[0].attention.qkv_proj.weight)
     torch.testing.assert_close(model.token_embedding.weight, lm.token_embedding.weight)
     trainable = {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks") else "")
                  for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert trainable == {"blocks.1", "final_norm", "out_head"}
-    scratch = fine_tune_classifier.build_model(fine_tune_classifier.parse_args(["--init", "scratch", "--config", str(micro_config)]), dist)
+    args = fine_tune_classifier.parse_args(["--init", "scratch", "--config", str(micro_config)])
+    scratch = fine_tune_classifier.as_classifier(initial_model(args.init, args.config), args)
     assert all(parameter.requires_grad for parameter in scratch.parameters())  # nothing pretrained to keep
 
 
@@ -212,13 +213,13 @@ def test_lora_checkpoints_load_as_plain_models_and_resume_exactly(tmp_path, micr
     common = ["--data", str(data), "--init", "scratch", "--config", str(micro_config), "--lora-rank", "2",
               "--lr", "1e-2", "--max-steps", "6", "--eval-interval", "2", "--eval-batches", "1"]
     fine_tune_classifier.main([*common, "--out", str(tmp_path / "whole.pt")])
-    whole = read_checkpoint(tmp_path / "whole.last.pt")["train_state"]["step_losses"]
+    whole = read_checkpoint(tmp_path / "whole.last.pt")["train_state"]["progress"]["step_losses"]
     with monkeypatch.context() as patch:  # Ctrl-C after step 3, between two evaluations
-        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.step == 3)
+        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.progress.step == 3)
         with pytest.raises(KeyboardInterrupt):
             fine_tune_classifier.main([*common, "--out", str(tmp_path / "cut.pt")])
     fine_tune_classifier.main([*common, "--out", str(tmp_path / "cut.pt"), "--resume"])
-    resumed = read_checkpoint(tmp_path / "cut.last.pt")["train_state"]["step_losses"]
+    resumed = read_checkpoint(tmp_path / "cut.last.pt")["train_state"]["progress"]["step_losses"]
     assert [loss for *_, loss in resumed] == pytest.approx([loss for *_, loss in whole], abs=1e-6)
     for path in ("whole.pt", "whole.last.pt"):
         model = load_checkpoint(tmp_path / path, kinds=("classifier",))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import get_gpt_weights
-from get_gpt_weights import FILES, load_gpt2, load_gpt2_from_hf
 from modules.checkpoint import load_checkpoint
 from modules.errors import UserError
+from modules.pretrained import FILES, load_gpt2, load_gpt2_from_hf
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tensorflow")
@@ -162,4 +162,10 @@ def test_cli_error_is_one_clear_line(tmp_path):
 
 def test_tensorflow_is_only_imported_to_read_a_checkpoint():
     code = "import sys, get_gpt_weights, modules.checkpoint; assert 'tensorflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_the_package_imports_no_script_and_the_originals_import_still_works():
+    code = ("import sys, modules.checkpoint, modules.pretrained; assert 'get_gpt_weights' not in sys.modules; "
+            "from get_gpt_weights import load_gpt2; assert load_gpt2 is modules.pretrained.load_gpt2")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

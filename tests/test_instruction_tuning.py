@@ -14,7 +14,8 @@ from tests.conftest import MICRO_CONFIG, run_script
 from modules import GPTModel
 from modules.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from modules.errors import UserError
-from modules.instructions import split_instruction_data
+from modules.datasets.instructions import split_instruction_data
+from modules.judge import judge_prompt, parse_score
 from modules.lora import apply_lora
 
 NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
@@ -223,7 +224,6 @@ def test_unreachable_judge_and_missing_responses(responses, tmp_path, monkeypatc
     ("I cannot rate this.", None), ("150", None), ("-5", None), ("", None), (None, None),
 ])
 def test_score_parsing(reply, score):
-    from gpt_eval import parse_score
     assert parse_score(reply) == score
 
 
@@ -249,7 +249,6 @@ def test_lora_tuning_trains_adapters_only_and_saves_them_merged(tuned, tmp_path,
 
 
 def test_judge_prompt_is_the_originals():
-    from gpt_eval import judge_prompt
     entry = {"instruction": "Name a colour.", "input": "", "output": "Blue.", "model_response": "Red."}
     assert judge_prompt(entry) == (
         "Given the input `Below is an instruction that describes a task. Write a response that appropriately "

@@ -5,9 +5,8 @@ import torch
 
 from tests.conftest import SHARED_DATA
 from modules.errors import UserError
-from modules.instructions import (IGNORE_INDEX, InstructionDataset, collate_instructions, extract_response,
-                                  fetch_alpaca, format_example, format_prompt, load_instruction_data,
-                                  split_instruction_data)
+from modules.datasets.instructions import (IGNORE_INDEX, InstructionDataset, collate_instructions, fetch_alpaca,
+                                           format_prompt, load_instruction_data, split_instruction_data)
 from modules.tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 
@@ -19,11 +18,6 @@ def test_prompt_has_input_section_only_when_there_is_an_input():
     )
     without = format_prompt({"instruction": "Say hi.", "input": "", "output": "Hi"})
     assert "### Input" not in without and without.endswith("### Instruction:\nSay hi.\n\n### Response:\n")
-    assert format_example({"instruction": "Say hi.", "input": "", "output": "Hi"}) == without + "Hi"
-
-
-def test_extract_response():
-    assert extract_response(format_prompt({"instruction": "x"}) + " The answer. ") == "The answer."
 
 
 # ----------------------------------------------------------------------------- data
@@ -101,7 +95,7 @@ def test_padded_batch_targets_are_shifted_and_padding_after_the_end_token_ignore
     (short, short_prompt), (long, _) = dataset[0], dataset[1]
     tokenizer = get_tokenizer()
     assert short_prompt == len(tokenizer.encode(format_prompt(entries[0])))
-    assert tokenizer.decode(short) == format_example(entries[0])
+    assert tokenizer.decode(short) == format_prompt(entries[0]) + entries[0]["output"]  # the prompt, then the answer
 
     inputs, targets = collate_instructions([dataset[0], dataset[1]], max_length=1024)
     assert inputs.shape == targets.shape == (2, len(long))  # the longer sequence plus <|endoftext|>, minus one

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from get_gpt_weights import convert_gpt2_weights, hf_name_to_gpt2
 from modules import GPTModel, GPT_CONFIGS
-from modules.attention import MultiHeadAttention
+from modules.attention import written_out_attention
+from modules.pretrained import convert_gpt2_weights, hf_name_to_gpt2
+from modules.speed import model_from_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,7 +28,7 @@ def small_hf_gpt2(seed=0, context_size=64):
 
 def ours_from_hf(hf_model, config):
     gpt2_tensors = {hf_name_to_gpt2(name): tensor for name, tensor in hf_model.state_dict().items()}
-    return GPTModel.from_state_dict(config, convert_gpt2_weights(gpt2_tensors)).eval()
+    return model_from_state_dict(config, convert_gpt2_weights(gpt2_tensors)).eval()
 
 
 def test_logits_equal_transformers_up_to_full_context():
@@ -52,17 +53,32 @@ def test_greedy_generation_equals_transformers():
     assert torch.equal(generate(model, prompt, 30), expected)
 
 
-def test_readable_attention_equals_fast_kernel():
-    model = GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 2}).eval()
-    input_ids = torch.randint(0, 50257, (2, 40))
+@pytest.mark.parametrize("case", ["causal", "cached", "padded"])
+def test_written_out_attention_equals_the_fused_kernel(case):
+    torch.manual_seed(0)
+    queries_length = 1 if case == "cached" else 9
+    queries = torch.randn(2, 3, queries_length, 16)
+    keys, values = torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
+    mask = None
+    if case == "cached":  # one new token after eight cached ones sees them all
+        mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    elif case == "padded":  # causal, and the first two keys of the second sequence are padding
+        mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+        mask[1, :, :, :2] = False
+        mask[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)
+    fused = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                             is_causal=mask is None)
+    assert (written_out_attention(queries, keys, values, mask) - fused).abs().max().item() < 1e-5
+
+
+def test_the_attention_layer_is_the_written_out_formula():
+    model = GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 1}).eval()
+    attention = model.blocks[0].attention
+    x = torch.randn(2, 40, GPT_CONFIGS["tiny"]["embedding_dim"])
     with torch.no_grad():
-        fast = model(input_ids)
-        MultiHeadAttention.use_fast_kernel = False
-        try:
-            readable = model(input_ids)
-        finally:
-            MultiHeadAttention.use_fast_kernel = True
-    assert (fast - readable).abs().max().item() < 1e-4
+        fused = attention(x)
+        written_out = attention.out_proj(attention.merge_heads(written_out_attention(*attention.split_heads(x))))
+    assert (fused - written_out).abs().max().item() < 1e-5
 
 
 def test_output_head_is_tied_and_classifier_head_is_not():

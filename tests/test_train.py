@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import REPO, run_script
 from modules.checkpoint import load_checkpoint, read_checkpoint
-from modules.data import load_tokens
+from modules.datasets.corpus import load_tokens
 from modules.errors import UserError
 
 
@@ -22,7 +22,7 @@ def test_defaults_shortened_produce_checkpoint_plot_metrics_and_falling_loss(tmp
     assert "sample:" in result.stderr + result.stdout
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     first, last = metrics["evaluations"][0], metrics["evaluations"][-1]
-    assert metrics["steps"] == 20 and last["val_loss"] < 9.0 < 10.5 < read_checkpoint(out.with_suffix(".last.pt"))["train_state"]["step_losses"][0][2]
+    assert metrics["steps"] == 20 and last["val_loss"] < 9.0 < 10.5 < read_checkpoint(out.with_suffix(".last.pt"))["train_state"]["progress"]["step_losses"][0][2]
     assert last["val_loss"] < first["val_loss"] and metrics["train_loss"] == last["train_loss"]
     assert out.with_suffix(".loss.png").stat().st_size > 10_000
     model = load_checkpoint(out, kinds=("lm",))
@@ -40,8 +40,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, small_corp
     one = read_checkpoint(tmp_path / "one.last.pt")["model_state_dict"]
     two = read_checkpoint(tmp_path / "two.last.pt")["model_state_dict"]
     assert max((one[name] - two[name]).abs().max().item() for name in one) < 1e-5
-    initial = read_checkpoint(tmp_path / "one.last.pt")["train_state"]["step_losses"][0][2]
-    assert read_checkpoint(tmp_path / "two.last.pt")["train_state"]["step_losses"][0][2] == pytest.approx(initial, abs=1e-5)
+    initial = read_checkpoint(tmp_path / "one.last.pt")["train_state"]["progress"]["step_losses"][0][2]
+    assert read_checkpoint(tmp_path / "two.last.pt")["train_state"]["progress"]["step_losses"][0][2] == pytest.approx(initial, abs=1e-5)
 
 
 def test_token_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, small_corpus):
@@ -81,5 +81,5 @@ def test_missing_data_and_resume_without_checkpoint(tmp_path, small_corpus, micr
     result = run_script(*micro_train_args(small_corpus, micro_config, tmp_path / "m.pt", "--resume"), check=False)
     assert result.returncode == 1 and "nothing to resume" in result.stderr
     with pytest.raises(UserError, match="too few"):
-        from modules.data import train_val_windows
+        from modules.datasets.corpus import train_val_windows
         train_val_windows(np.zeros(10, np.uint16), 32, 0.1)

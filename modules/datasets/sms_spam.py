@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .download import download_file
-from .errors import UserError
-from .files import atomic_write_text
+from ..download import download_file
+from ..errors import UserError
+from ..files import atomic_write_text
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 LABEL_NAMES = ("ham", "spam")  # class index 0 and 1
@@ -93,6 +93,8 @@ def _read_csv(path):
     columns = {name.strip().lower(): name for name in frame.columns}
     if not {"label", "text"} <= columns.keys():
         raise UserError(f"{path}, line 1: expected a header with 'label' and 'text' columns, found {list(frame.columns)}")
+    if frame.empty:
+        raise UserError(f"{path} holds a header but no messages")
     # A quoted field can span lines, so a row's line is 2 (after the header) plus the lines of the rows before it.
     lines_per_row = 1 + frame.map(lambda value: value.count("\n")).sum(axis=1)
     first_lines = 2 + lines_per_row.cumsum() - lines_per_row

@@ -7,15 +7,15 @@ text changes.
 """
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import UserError
-from .tokenizer import END_OF_TEXT_ID, get_tokenizer
+from ..errors import UserError
+from ..files import atomic_file, atomic_write_text
+from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 CHUNK_CHARACTERS = 1 << 20  # tokenize a large file a megabyte at a time
 
@@ -60,9 +60,8 @@ def _chunks(file):
 def tokenize_to_cache(files, cache_path):
     """Tokenize `files` (separated by <|endoftext|>) into `cache_path` as raw uint16, atomically."""
     tokenizer = get_tokenizer()
-    temporary = cache_path.with_name(cache_path.name + ".tmp")
     total_bytes = sum(file.stat().st_size for file in files)
-    with open(temporary, "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+    with atomic_file(cache_path) as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for index, file in enumerate(files):
             if index:
                 np.array([END_OF_TEXT_ID], dtype=np.uint16).tofile(out)
@@ -71,9 +70,7 @@ def tokenize_to_cache(files, cache_path):
                     np.array(tokenizer.encode_ordinary(chunk), dtype=np.uint16).tofile(out)
                     bar.update(len(chunk.encode("utf-8")))
             except UnicodeDecodeError as error:
-                temporary.unlink(missing_ok=True)
                 raise UserError(f"{file} is not UTF-8 text (byte {error.start}): convert it to UTF-8 first") from None
-    os.replace(temporary, cache_path)
 
 
 def load_tokens(path):
@@ -86,10 +83,13 @@ def load_tokens(path):
         cache_path = path.with_name(path.name + ".tokens.bin")
         meta_path = path.with_name(path.name + ".tokens.json")
         fingerprint = _fingerprint(files)
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = {}  # no cache yet, or a damaged one: it is rebuilt
         if meta.get("sha256") != fingerprint or not cache_path.is_file():
             tokenize_to_cache(files, cache_path)
-            meta_path.write_text(json.dumps({"sha256": fingerprint, "tokenizer": "gpt2", "files": len(files)}))
+            atomic_write_text(meta_path, json.dumps({"sha256": fingerprint, "tokenizer": "gpt2", "files": len(files)}))
         tokens = np.memmap(cache_path, dtype=np.uint16, mode="r") if cache_path.stat().st_size else np.zeros(0, np.uint16)
     return tokens
 

@@ -1,23 +1,22 @@
 """Instruction following: the original's Alpaca prompt, the instruction data (loading, splitting,
 batching for training) and batched answering, shared by fine-tuning, evaluation and the app."""
 import hashlib
-import json
 import random
-from pathlib import Path
 
 import torch
 
-from .download import download_file
-from .errors import UserError
-from .generation import generate
-from .tokenizer import END_OF_TEXT_ID, get_tokenizer
+from ..download import download_file
+from ..errors import UserError
+from ..files import read_json
+from ..generation import generate
+from ..loss import IGNORE_INDEX
+from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 PROMPT_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 RESPONSE_MARKER = "\n\n### Response:\n"
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
-IGNORE_INDEX = -100  # cross_entropy's ignore_index: targets that do not count in the loss
 
 
 # ----------------------------------------------------------------------------- the prompt
@@ -35,16 +34,6 @@ def format_prompt(entry):
     return format_input(entry) + RESPONSE_MARKER
 
 
-def format_example(entry):
-    """A full training example: prompt followed by the expected output."""
-    return format_prompt(entry) + entry["output"]
-
-
-def extract_response(generated_text):
-    """The answer part of a generated text (everything after the response marker), stripped."""
-    return generated_text.split("### Response:", 1)[-1].strip()
-
-
 # ----------------------------------------------------------------------------- the data
 def fetch_alpaca(path, url=ALPACA_URL):
     """Stanford Alpaca's 52,002 records at `path`, downloaded from `url` unless already there."""
@@ -60,38 +49,13 @@ def file_sha256(path):
 def load_instruction_data(path, limit=None):
     """The first `limit` (all if None) records of a JSON list or a JSONL file, as dicts with the keys
     instruction, input ("" when absent) and output."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--data {path} does not exist; give a JSON list or JSONL of instruction/input/output records")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (byte {error.start}); convert it to UTF-8 first") from None
-    records = _parse_json_or_jsonl(path, text)
+    records = read_json(path, "a JSON list or JSON Lines of instruction/input/output records", json_lines=True)
     if not isinstance(records, list):
         raise UserError(f"{path} holds a JSON {type(records).__name__}, not a list of records such as "
                         '[{"instruction": "...", "input": "...", "output": "..."}]')
     if not records:
         raise UserError(f"{path} holds no records")
     return [_checked_record(record, index, path) for index, record in enumerate(records[:limit])]
-
-
-def _parse_json_or_jsonl(path, text):
-    """A JSON document, or for JSON Lines (one record per line) the list of its records."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        if not (path.suffix == ".jsonl" or text.lstrip().startswith("{")):
-            raise UserError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path} line {number} is not valid JSON ({error.msg}); "
-                                "a .jsonl file holds one JSON record per line") from None
-    return records
 
 
 def _checked_record(record, index, path):

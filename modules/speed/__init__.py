@@ -1,0 +1,17 @@
+"""Speed machinery: what makes the model faster without being part of GPT-2's maths.
+
+The model's files (attention, layer_norm, feed_forward, transformer, model) compute GPT-2 and nothing
+else. Each piece here is applied explicitly by the code that wants it, says what it gains and where that
+was measured, and is taken on a machine only where it is faster there:
+
+- construction: build a model around existing weights (checkpoints, OpenAI's files) without drawing
+  random ones first (checkpoint and weight loading);
+- kernels: for generation on the CPU, the faster of two linear kernels, measured at first use
+  (the generation entry points);
+- memory: glibc keeps freed memory for reuse (the training loop, on the CPU).
+"""
+from .construction import empty_model, model_from_state_dict
+from .kernels import use_fastest_linear_kernels
+from .memory import keep_freed_memory
+
+__all__ = ["empty_model", "model_from_state_dict", "use_fastest_linear_kernels", "keep_freed_memory"]

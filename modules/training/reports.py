@@ -1,0 +1,58 @@
+"""What a training run leaves beside its checkpoint: where each file goes, the metrics file and the loss plot.
+
+    checkpoints/model.pt            the best model (by validation loss)
+    checkpoints/model.last.pt       the last step, with everything --resume needs
+    checkpoints/model.metrics.json  final metrics and every evaluation, for programs
+    checkpoints/model.loss.png      the loss curves, for people
+"""
+import json
+from pathlib import Path
+
+from ..files import atomic_write_text
+
+
+def last_checkpoint_path(out):
+    """checkpoints/model.pt -> checkpoints/model.last.pt, the checkpoint that resumes training."""
+    return Path(out).with_suffix(".last.pt")
+
+
+def metrics_path(out):
+    return Path(out).with_suffix(".metrics.json")
+
+
+def plot_path(out):
+    return Path(out).with_suffix(".loss.png")
+
+
+def write_metrics(out, metrics):
+    """`<checkpoint>.metrics.json`, written atomically."""
+    atomic_write_text(metrics_path(out), json.dumps(metrics, indent=2))
+
+
+def plot_training(path, step_losses, evaluations):
+    """Training and validation loss against tokens seen, plus any other evaluated metric (accuracy)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extra = sorted({key[4:] for record in evaluations for key in record if key.startswith("val_")} - {"loss"})
+    figure, axes = plt.subplots(1, 1 + len(extra), figsize=(6 * (1 + len(extra)), 4), squeeze=False)
+    loss_axis = axes[0][0]
+    if step_losses:
+        _, tokens, losses = zip(*step_losses)
+        loss_axis.plot(tokens, losses, alpha=0.4, label="training loss (each step)")
+    for split in ("train", "val"):
+        points = [(record["tokens_seen"], record[f"{split}_loss"]) for record in evaluations]
+        if points:
+            loss_axis.plot(*zip(*points), marker="o", label=f"{'training' if split == 'train' else 'validation'} loss (evaluation)")
+    loss_axis.set(xlabel="tokens seen", ylabel="loss", title="loss")
+    loss_axis.legend()
+    for axis, name in zip(axes[0][1:], extra):
+        for split in ("train", "val"):
+            axis.plot([r["step"] for r in evaluations], [r[f"{split}_{name}"] for r in evaluations], marker="o", label=split)
+        axis.set(xlabel="step", ylabel=name, title=name)
+        axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,74 @@
+"""What --resume needs: the state of a run between two steps, saved in the last checkpoint.
+
+Besides the weights: the optimizer's moments, the scheduler's step, the GradScaler's scale, the random
+generators (so the next dropout masks are those an uninterrupted run would draw), and the run's history.
+The batches need nothing: each step's samples follow from the seed and the step number.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import read_checkpoint
+from ..errors import UserError
+from ..lora import lora_state_dict
+
+
+@dataclass
+class Progress:
+    """How far a run has got, and what it measured on the way."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    step_losses: list = field(default_factory=list)  # (step, tokens seen, training loss) of every step
+    evaluations: list = field(default_factory=list)  # one dict per evaluation
+
+
+def train_state(model, optimizer, scheduler, scaler, progress, data_signature, device):
+    """The entries a resumable checkpoint adds to the weights."""
+    return {
+        "optimizer_state_dict": optimizer.state_dict(),
+        "scheduler_state_dict": scheduler.state_dict(),
+        "scaler_state_dict": scaler.state_dict() if scaler else None,
+        # Taken between steps: the state the next step starts from.
+        "rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "progress": asdict(progress),
+        "data_signature": data_signature,
+        # Checkpoints hold LoRA adapters merged into the weights; resuming needs them apart.
+        "lora_state_dict": lora_state_dict(model),
+    }
+
+
+def restore_train_state(path, kind, model, optimizer, scheduler, scaler, data_signature, device):
+    """Load the state saved at `path` into the model, optimizer, scheduler and scaler; return the Progress."""
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist (it is written at each evaluation); "
+                        "drop --resume to start afresh")
+    checkpoint = read_checkpoint(path, kinds=(kind,))
+    state = checkpoint.get("train_state")
+    if state is None or "progress" not in state:
+        raise UserError(f"{path} holds no training state that this version can resume from")
+    if state["data_signature"] != data_signature:
+        saved, now = state["data_signature"], data_signature
+        raise UserError(f"{path} was trained with --batch-size {saved['global_batch']} on {saved['train_samples']} "
+                        f"samples; resume with the same data and batch size (now {now['global_batch']} and "
+                        f"{now['train_samples']})")
+    try:
+        model.load_state_dict(state["lora_state_dict"] or checkpoint["model_state_dict"])
+    except RuntimeError:
+        raise UserError(f"{path} holds a different model than the one configured now; "
+                        "resume with the same --init/--config") from None
+    optimizer.load_state_dict(state["optimizer_state_dict"])
+    scheduler.load_state_dict(state["scheduler_state_dict"])
+    if scaler and state["scaler_state_dict"]:
+        scaler.load_state_dict(state["scaler_state_dict"])
+    torch.set_rng_state(state["rng_state"])
+    if state["cuda_rng_state"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng_state"], device)
+    progress = Progress(**state["progress"])
+    progress.step_losses = [tuple(entry) for entry in progress.step_losses]
+    tqdm.write(f"resuming from {path} at step {progress.step}")
+    return progress

@@ -1,0 +1,28 @@
+"""How the learning rate and the arithmetic precision change over a run."""
+import math
+from contextlib import nullcontext
+
+import torch
+
+
+def learning_rate_factor(step, warmup_steps, total_steps, min_factor=0.1):
+    """The share of the peak learning rate at `step`: a linear warmup to the peak (large early updates from
+    random weights would be noisy), then a cosine decay to min_factor of it at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast_context(dtype_name, device):
+    """(context for the forward pass, GradScaler or None) for --dtype. Mixed precision runs the matrix
+    products in 16 bits and keeps the weights in 32; float16 needs a GradScaler on CUDA so that small
+    gradients do not underflow to zero. "auto" is bfloat16 on GPUs that have it, else float32."""
+    if dtype_name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype_name = "bfloat16" if cuda_bf16 else "float32"
+    if dtype_name == "float32":
+        return nullcontext(), None
+    dtype = getattr(torch, dtype_name)
+    scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 and device.type == "cuda" else None
+    return torch.autocast(device.type, dtype=dtype), scaler

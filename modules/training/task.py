@@ -1,0 +1,41 @@
+"""TrainingTask: what a script trains, in the terms the training loop needs."""
+from torch.utils.data import default_collate
+
+from ..loss import next_token_loss
+
+
+class TrainingTask:
+    """Override what differs; the defaults are next-token prediction on (input_ids, targets) samples."""
+
+    kind = "lm"  # the checkpoint's kind
+    metric_names = ("loss",)  # what metrics() returns; every process must know them, even one with no batch
+
+    def __init__(self, train_set, val_set):
+        self.train_set = train_set
+        self.val_set = val_set
+
+    def collate(self, samples):
+        """A list of samples -> a batch, a dict of tensors."""
+        input_ids, targets = default_collate(samples)
+        return {"input_ids": input_ids, "targets": targets}
+
+    def loss(self, model, batch):
+        """Mean loss of a batch (what is minimised)."""
+        return next_token_loss(model(batch["input_ids"]), batch["targets"])
+
+    def metrics(self, model, batch):
+        """{name: (sum, count)} of a batch for evaluation; averaged over all evaluated batches."""
+        size = len(batch["input_ids"])
+        return {"loss": (self.loss(model, batch).item() * size, size)}
+
+    def num_tokens(self, batch):
+        """Tokens trained on in a batch, for the tokens-per-second shown while training."""
+        return batch["input_ids"].numel()
+
+    def sample(self, model):
+        """Text to print at each evaluation, to watch the model learn (None for nothing)."""
+        return None
+
+    def checkpoint_metadata(self):
+        """Entries stored in every checkpoint besides the weights (label names, data settings...)."""
+        return {}
