@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
+import torch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -37,3 +38,13 @@ def get_tokenizer():
 def encode(text, tokenizer=None):
     """Token ids of `text`; a literal <|endoftext|> in the text is the end-of-text token."""
     return (tokenizer or get_tokenizer()).encode(text, allowed_special={END_OF_TEXT})
+
+
+@lru_cache(maxsize=1)
+def token_byte_lengths():
+    """(vocab,) tensor: how many bytes of UTF-8 text each token stands for, to measure in bits per byte.
+    <|endoftext|> separates documents and stands for no text: 0."""
+    tokenizer = get_tokenizer()
+    lengths = [len(tokenizer.decode_single_token_bytes(token)) for token in range(tokenizer.n_vocab)]
+    lengths[END_OF_TEXT_ID] = 0
+    return torch.tensor(lengths)

@@ -30,7 +30,8 @@ def test_defaults_shortened_produce_checkpoint_plot_metrics_and_falling_loss(tmp
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, small_corpus, micro_config):
-    common = ["--max-steps", "3", "--eval-interval", "3", "--lr", "1e-2"]
+    # float32: in bfloat16 the two ways of summing a batch's gradients would round differently.
+    common = ["--max-steps", "3", "--eval-interval", "3", "--lr", "1e-2", "--dtype", "float32"]
     run_script(*micro_train_args(small_corpus, micro_config, tmp_path / "one.pt", *common))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -83,3 +84,69 @@ def test_missing_data_and_resume_without_checkpoint(tmp_path, small_corpus, micr
     with pytest.raises(UserError, match="too few"):
         from modules.datasets.corpus import train_val_windows
         train_val_windows(np.zeros(10, np.uint16), 32, 0.1)
+
+
+def test_bits_per_byte_of_a_model_that_knows_nothing_is_log2_of_the_vocabulary_per_token():
+    import math
+
+    import torch
+
+    from modules.tokenizer import encode, token_byte_lengths
+    from train import PretrainingTask
+
+    class Uniform(torch.nn.Module):  # the same logit for every token: a loss of ln(vocab) everywhere
+        def forward(self, input_ids):
+            return torch.zeros(*input_ids.shape, 50257)
+
+    targets = torch.tensor(encode("The sun.\n\n<|endoftext|>Its heat.")).view(2, -1)
+    metrics = PretrainingTask(None, None, {}).metrics(Uniform(), {"input_ids": targets, "targets": targets})
+    bits, text_bytes = metrics["bpb"]
+    assert text_bytes == token_byte_lengths()[targets].sum().item() == len("The sun.\n\nIts heat.")  # <|endoftext|>: no text
+    assert bits / text_bytes == pytest.approx(targets.numel() * math.log2(50257) / text_bytes)
+
+
+def test_the_sample_is_drawn_with_a_fixed_seed_and_lands_in_the_metrics(tmp_path, small_corpus, micro_config):
+    out = tmp_path / "m.pt"
+    run_script(*micro_train_args(small_corpus, micro_config, out, "--max-steps", "2", "--sample-tokens", "12"))
+    first = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert first["sample"].startswith("\n") and len(first["sample"]) > 12 and "val_bpb" in first and "train_bpb" in first
+    run_script(*micro_train_args(small_corpus, micro_config, tmp_path / "again.pt", "--max-steps", "2", "--sample-tokens", "12"))
+    assert json.loads((tmp_path / "again.metrics.json").read_text())["sample"] == first["sample"]
+
+
+def test_max_time_plans_the_steps_that_fit(monkeypatch):
+    from modules.training import time_budget
+
+    class FakeTrainer:
+        eval_interval, step_limit = 10, 1000
+        process = type("Process", (), {"is_main": False})()
+
+    monkeypatch.setattr(time_budget, "_rehearse", lambda trainer: (0.1, 1.0))
+    # n steps of 0.1 s with an evaluation of 1 s every 10 steps and at the end: 45 * 0.1 + 5 * 1 = 9.5 s <= 10 s.
+    assert time_budget.plan_steps(FakeTrainer(), 10.0) == 45
+    FakeTrainer.step_limit = 20
+    assert time_budget.plan_steps(FakeTrainer(), 10.0) == 20  # --max-steps / --epochs still bound it
+
+
+def test_resume_under_max_time_keeps_the_plan_and_repeats_the_losses(tmp_path, small_corpus, micro_config, monkeypatch):
+    import train
+    from modules.training import time_budget
+    from modules.training.loop import Trainer
+
+    script, *args = map(str, micro_train_args(small_corpus, micro_config, tmp_path / "whole.pt", "--max-time", "60",
+                                              "--eval-interval", "3", "--lr", "1e-2"))
+    # Steps of 0.5 s and an evaluation of 1 s every 3 steps and at the end: 60 s hold 70 steps.
+    monkeypatch.setattr(time_budget, "_rehearse", lambda trainer: (0.5, 1.0))
+    train.main(args)
+    whole = read_checkpoint(tmp_path / "whole.last.pt")["train_state"]["progress"]
+    assert whole["planned_steps"] == 70 == len(whole["step_losses"])
+
+    cut = [arg.replace("whole.pt", "cut.pt") for arg in args]
+    with monkeypatch.context() as patch:  # Ctrl-C after step 40
+        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.progress.step == 40)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(cut)
+    monkeypatch.setattr(time_budget, "_rehearse", lambda trainer: pytest.fail("a resumed run must not plan again"))
+    train.main([*cut, "--resume"])
+    resumed = read_checkpoint(tmp_path / "cut.last.pt")["train_state"]["progress"]
+    assert [loss for *_, loss in resumed["step_losses"]] == pytest.approx([loss for *_, loss in whole["step_losses"]], abs=1e-6)

@@ -110,8 +110,9 @@ class TokenWindows(torch.utils.data.Dataset):
         return window[:-1], window[1:]
 
 
-def train_val_windows(tokens, context_size, val_fraction):
-    """Split the token stream (the last `val_fraction` for validation) into TokenWindows."""
+def train_val_windows(tokens, context_size, val_fraction, source="the corpus"):
+    """Split the token stream (the last `val_fraction` for validation) into TokenWindows; `source` names
+    the corpus in the message when it is too short."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
     split = int(len(tokens) * (1.0 - val_fraction))
@@ -119,7 +120,7 @@ def train_val_windows(tokens, context_size, val_fraction):
     if len(train) == 0 or len(val) == 0:
         needed = int((context_size + 1) / min(val_fraction, 1.0 - val_fraction)) + 1
         raise UserError(
-            f"the corpus has {len(tokens):,} tokens, too few for a context of {context_size}: with --val-fraction "
+            f"{source} has {len(tokens):,} tokens, too few for a context of {context_size}: with --val-fraction "
             f"{val_fraction} it needs at least {needed:,} tokens (about {needed * 4:,} characters of English). "
             "Add text, or lower --context-size."
         )

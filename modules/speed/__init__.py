@@ -8,10 +8,13 @@ was measured, and is taken on a machine only where it is faster there:
   random ones first (checkpoint and weight loading);
 - kernels: for generation on the CPU, the faster of two linear kernels, measured at first use
   (the generation entry points);
-- memory: glibc keeps freed memory for reuse (the training loop, on the CPU).
+- memory: glibc keeps freed memory for reuse (the training loop, on the CPU);
+- precision: bfloat16 where the machine computes it natively (--dtype auto: training and generation).
 """
 from .construction import empty_model, model_from_state_dict
 from .kernels import use_fastest_linear_kernels
 from .memory import keep_freed_memory
+from .precision import auto_dtype, describe_precision, resolve_dtype
 
-__all__ = ["empty_model", "model_from_state_dict", "use_fastest_linear_kernels", "keep_freed_memory"]
+__all__ = ["auto_dtype", "describe_precision", "empty_model", "keep_freed_memory", "model_from_state_dict",
+           "resolve_dtype", "use_fastest_linear_kernels"]

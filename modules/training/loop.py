@@ -19,12 +19,14 @@ from ..checkpoint import read_checkpoint, save_checkpoint
 from ..errors import UserError
 from ..files import exclusive_output
 from ..lora import merge_lora
-from ..speed import keep_freed_memory
+from ..speed import describe_precision, keep_freed_memory
+from .batches import BatchPlan
 from .interrupt import StopRequest
 from .optimizer import make_optimizer
 from .reports import last_checkpoint_path, plot_path, plot_training, write_metrics
 from .resume import Progress, restore_train_state, train_state
 from .schedule import autocast_context, learning_rate_factor
+from .time_budget import plan_steps
 
 
 def train(model, task, settings, process):
@@ -41,26 +43,25 @@ class Trainer:
 
     def __init__(self, model, task, settings, process):
         self.task, self.settings, self.process = task, settings, process
-        self.steps_per_epoch, self.micro_batch, self.accumulation = plan_batches(
-            len(task.train_set), settings.batch_size, settings.micro_batch_size, process.world_size)
-        self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
-        warmup_steps = settings.warmup_steps if settings.warmup_steps is not None else max(1, self.total_steps // 20)
-        self.eval_interval = settings.eval_interval or self.steps_per_epoch
+        self.batches = BatchPlan(len(task.train_set), settings.batch_size, settings.micro_batch_size, process.rank,
+                                 process.world_size, settings.seed)
+        # The steps the flags allow; with --max-time, run() plans the steps that fit in the time.
+        self.step_limit = settings.max_steps or settings.epochs * self.batches.steps_per_epoch
+        self.eval_interval = settings.eval_interval or self.batches.steps_per_epoch
 
         self.model = model.to(process.device)
         if process.device.type == "cpu":
             keep_freed_memory()  # a fifth faster on CPU: each step reuses the last one's pages
         self.optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay, process.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate_factor(step, warmup_steps, self.total_steps))
         self.autocast, self.scaler = autocast_context(settings.dtype, process.device)
+        if process.is_main:
+            tqdm.write(describe_precision(settings.dtype, process.device))
         self.data_signature = {"global_batch": settings.batch_size, "train_samples": len(task.train_set)}
         self.progress = Progress()
         if settings.resume:
             self.progress = restore_train_state(last_checkpoint_path(settings.out), task.kind, self.model,
-                                                self.optimizer, self.scheduler, self.scaler, self.data_signature,
-                                                process.device)
-            if self.progress.step >= self.total_steps:
+                                                self.optimizer, self.scaler, self.data_signature, process.device)
+            if self.progress.step >= (self.progress.planned_steps or self.step_limit):
                 raise UserError(f"{last_checkpoint_path(settings.out)} has already trained {self.progress.step} "
                                 "steps; raise --max-steps or --epochs to continue")
         self.training_model = torch.compile(self.model) if settings.compile else self.model
@@ -69,23 +70,16 @@ class Trainer:
             self.training_model = torch.nn.parallel.DistributedDataParallel(self.training_model, device_ids=device_ids)
 
     # ---------------------------------------------------------------- one step
+    @property
+    def total_steps(self):
+        return self.progress.planned_steps or self.step_limit
+
     def train_step(self):
         """One optimizer step over the global batch; returns (mean loss, tokens trained on by all processes)."""
-        indices = self._step_indices(self.progress.step)
-        total_loss = torch.zeros((), device=self.process.device)
-        tokens = 0
-        for micro_step in range(self.accumulation):
-            batch = self._batch(self.task.train_set, indices[micro_step * self.micro_batch:(micro_step + 1) * self.micro_batch])
-            last = micro_step == self.accumulation - 1
-            # DDP averages gradients across processes after every backward; between micro-batches of
-            # one step that communication is wasted, so only the last backward synchronises.
-            sync = nullcontext() if last or self.process.world_size == 1 else self.training_model.no_sync()
-            with sync:
-                with self.autocast:
-                    loss = self.task.loss(self.training_model, batch) / self.accumulation
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total_loss += loss.detach()
-            tokens += self.task.num_tokens(batch)
+        warmup = self.settings.warmup_steps if self.settings.warmup_steps is not None else max(1, self.total_steps // 20)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr * learning_rate_factor(self.progress.step, warmup, self.total_steps)
+        total_loss, tokens = self.forward_backward(self.progress.step)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.settings.grad_clip > 0:
@@ -96,7 +90,6 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         loss_value = self.process.all_reduce_sum(total_loss).item() / self.process.world_size
         tokens *= self.process.world_size
         self.progress.step += 1
@@ -104,15 +97,25 @@ class Trainer:
         self.progress.step_losses.append((self.progress.step, self.progress.tokens_seen, loss_value))
         return loss_value, tokens
 
-    def _step_indices(self, step):
-        """This process's sample indices for optimizer step `step`."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if getattr(self, "_epoch", None) != epoch:
-            generator = torch.Generator().manual_seed(self.settings.seed + epoch)
-            self._permutation, self._epoch = torch.randperm(len(self.task.train_set), generator=generator), epoch
-        batch = self.settings.batch_size
-        indices = self._permutation[position * batch:(position + 1) * batch]
-        return indices[self.process.rank::self.process.world_size].tolist()
+    def forward_backward(self, step):
+        """Gradients of this process's share of step `step`'s samples, micro-batch by micro-batch; returns
+        (the mean loss as a tensor, tokens)."""
+        total_loss = torch.zeros((), device=self.process.device)
+        tokens = 0
+        micro_batches = self.batches.micro_batches(step)
+        for micro_step, indices in enumerate(micro_batches):
+            batch = self._batch(self.task.train_set, indices)
+            last = micro_step == len(micro_batches) - 1
+            # DDP averages gradients across processes after every backward; between micro-batches of
+            # one step that communication is wasted, so only the last backward synchronises.
+            sync = nullcontext() if last or self.process.world_size == 1 else self.training_model.no_sync()
+            with sync:
+                with self.autocast:
+                    loss = self.task.loss(self.training_model, batch) / len(micro_batches)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total_loss += loss.detach()
+            tokens += self.task.num_tokens(batch)
+        return total_loss, tokens
 
     def _batch(self, dataset, indices):
         batch = self.task.collate([dataset[i] for i in indices])
@@ -126,13 +129,13 @@ class Trainer:
         over the processes."""
         was_training = self.model.training
         self.model.eval()
-        batches = math.ceil(len(dataset) / self.micro_batch)
+        batches = math.ceil(len(dataset) / self.batches.micro_batch)
         if max_batches:
             batches = min(batches, max_batches)
         sums = {name: [0.0, 0] for name in self.task.metric_names}
         for batch_index in range(self.process.rank, batches, self.process.world_size):
-            start = batch_index * self.micro_batch
-            batch = self._batch(dataset, range(start, min(start + self.micro_batch, len(dataset))))
+            start = batch_index * self.batches.micro_batch
+            batch = self._batch(dataset, range(start, min(start + self.batches.micro_batch, len(dataset))))
             with self.autocast:
                 for name, (total, count) in self.task.metrics(self.model, batch).items():
                     sums[name][0] += total
@@ -142,12 +145,22 @@ class Trainer:
         self.model.train(was_training)
         return {name: (total / count if count else math.nan) for name, (total, count) in zip(sums, packed.tolist())}
 
-    def _evaluate_and_save(self):
+    def evaluation(self):
+        """(record of the metrics on training and validation batches, the task's sample text or None)."""
         train_metrics = self.evaluate(self.task.train_set, self.settings.eval_batches)
         val_metrics = self.evaluate(self.task.val_set, self.settings.eval_batches)
         record = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                   **{f"train_{name}": value for name, value in train_metrics.items()},
                   **{f"val_{name}": value for name, value in val_metrics.items()}}
+        sample = None
+        if self.process.is_main:
+            self.model.eval()
+            sample = self.task.sample(self.model)
+            self.model.train()
+        return record, sample
+
+    def _evaluate_and_save(self):
+        record, sample = self.evaluation()
         self.progress.evaluations.append(record)
         improved = record["val_loss"] < self.progress.best_val_loss
         self.progress.best_val_loss = min(self.progress.best_val_loss, record["val_loss"])
@@ -155,11 +168,9 @@ class Trainer:
             return
         shown = " | ".join(f"{key} {value:.4f}" for key, value in record.items() if key.startswith(("train_", "val_")))
         tqdm.write(f"step {self.progress.step}/{self.total_steps} | {shown}")
-        self.model.eval()
-        sample = self.task.sample(self.model)
-        self.model.train()
         if sample:
-            tqdm.write(f"sample: {sample!r}")
+            self.progress.last_sample = sample
+            tqdm.write("sample:\n    " + sample.replace("\n", "\n    "))
         if improved:
             self._save(self.settings.out, resumable=False)
         self._save(last_checkpoint_path(self.settings.out), resumable=True)
@@ -171,7 +182,7 @@ class Trainer:
                  "val_loss": self.progress.evaluations[-1]["val_loss"] if self.progress.evaluations else None,
                  "training_settings": self.settings.as_dict()}
         if resumable:
-            extra["train_state"] = train_state(self.model, self.optimizer, self.scheduler, self.scaler, self.progress,
+            extra["train_state"] = train_state(self.model, self.optimizer, self.scaler, self.progress,
                                                self.data_signature, self.process.device)
         save_checkpoint(path, self.model, self.task.kind, **extra)
 
@@ -186,7 +197,8 @@ class Trainer:
         last = self.progress.evaluations[-1] if self.progress.evaluations else {}
         return {**{key: value for key, value in last.items() if key.startswith(("train_", "val_"))},
                 "best_val_loss": self.progress.best_val_loss, "steps": self.progress.step,
-                "tokens_seen": self.progress.tokens_seen, "evaluations": self.progress.evaluations}
+                "tokens_seen": self.progress.tokens_seen, "sample": self.progress.last_sample,
+                "evaluations": self.progress.evaluations}
 
     def write_reports(self, extra_metrics=None):
         """The metrics file and the loss plot beside the checkpoint (main process only); returns the metrics."""
@@ -198,6 +210,8 @@ class Trainer:
     # ---------------------------------------------------------------- run
     def run(self):
         self.training_model.train()
+        if self.settings.max_time and self.progress.planned_steps is None:
+            self.progress.planned_steps = plan_steps(self, self.settings.max_time)
         progress_bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
                             disable=not self.process.is_main, dynamic_ncols=True)
         with StopRequest() as stop:
@@ -205,7 +219,7 @@ class Trainer:
                 started = time.perf_counter()
                 loss, tokens = self.train_step()
                 progress_bar.update()
-                progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                          tokens_per_s=f"{tokens / (time.perf_counter() - started):,.0f}")
                 if self.progress.step % self.eval_interval == 0 or self.progress.step == self.total_steps:
                     self._evaluate_and_save()
@@ -226,17 +240,3 @@ class Trainer:
                        "run the same command with --resume to continue")
         raise KeyboardInterrupt
 
-
-def plan_batches(train_samples, batch_size, micro_batch_size, world_size):
-    """(steps per epoch, micro-batch size, micro-batches per step and process) for a global batch."""
-    if batch_size % world_size:
-        raise UserError(f"--batch-size {batch_size} must be a positive multiple of the number of processes ({world_size})")
-    share = batch_size // world_size
-    micro_batch = micro_batch_size or share
-    if share % micro_batch:
-        raise UserError(f"--micro-batch-size {micro_batch} must divide the {share} samples of each process's share")
-    steps_per_epoch = train_samples // batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"the training set has {train_samples} samples, fewer than one batch of {batch_size}: "
-                        "lower --batch-size or add data")
-    return steps_per_epoch, micro_batch, share // micro_batch

@@ -30,12 +30,13 @@ def write_metrics(out, metrics):
 
 
 def plot_training(path, step_losses, evaluations):
-    """Training and validation loss against tokens seen, plus any other evaluated metric (accuracy)."""
+    """Training and validation loss against tokens seen, with bits per byte on a second axis when they
+    were measured, plus any other evaluated metric (accuracy) in a plot of its own."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    extra = sorted({key[4:] for record in evaluations for key in record if key.startswith("val_")} - {"loss"})
+    extra = sorted({key[4:] for record in evaluations for key in record if key.startswith("val_")} - {"loss", "bpb"})
     figure, axes = plt.subplots(1, 1 + len(extra), figsize=(6 * (1 + len(extra)), 4), squeeze=False)
     loss_axis = axes[0][0]
     if step_losses:
@@ -45,8 +46,14 @@ def plot_training(path, step_losses, evaluations):
         points = [(record["tokens_seen"], record[f"{split}_loss"]) for record in evaluations]
         if points:
             loss_axis.plot(*zip(*points), marker="o", label=f"{'training' if split == 'train' else 'validation'} loss (evaluation)")
-    loss_axis.set(xlabel="tokens seen", ylabel="loss", title="loss")
+    loss_axis.set(xlabel="tokens seen", ylabel="loss (nats per token)", title="loss")
     loss_axis.legend()
+    if evaluations and "val_bpb" in evaluations[-1]:
+        # Bits per byte are the loss times a constant of the text (bytes per token, ln 2), so one axis
+        # serves both: the right one reads the validation curve in bits per byte.
+        ratio = evaluations[-1]["val_bpb"] / evaluations[-1]["val_loss"]
+        loss_axis.secondary_yaxis("right", functions=(lambda loss: loss * ratio, lambda bpb: bpb / ratio)).set_ylabel(
+            "validation bits per byte")
     for axis, name in zip(axes[0][1:], extra):
         for split in ("train", "val"):
             axis.plot([r["step"] for r in evaluations], [r[f"{split}_{name}"] for r in evaluations], marker="o", label=split)

@@ -1,8 +1,8 @@
 """What --resume needs: the state of a run between two steps, saved in the last checkpoint.
 
-Besides the weights: the optimizer's moments, the scheduler's step, the GradScaler's scale, the random
-generators (so the next dropout masks are those an uninterrupted run would draw), and the run's history.
-The batches need nothing: each step's samples follow from the seed and the step number.
+Besides the weights: the optimizer's moments, the GradScaler's scale, the random generators (so the next
+dropout masks are those an uninterrupted run would draw), and the run's progress. The batches and the
+learning rate need nothing more: they follow from the seed, the step number and the planned steps.
 """
 import math
 from dataclasses import asdict, dataclass, field
@@ -20,17 +20,18 @@ class Progress:
     """How far a run has got, and what it measured on the way."""
 
     step: int = 0
+    planned_steps: int | None = None  # with --max-time: the steps that fit, fixed before the first step
     tokens_seen: int = 0
     best_val_loss: float = math.inf
     step_losses: list = field(default_factory=list)  # (step, tokens seen, training loss) of every step
     evaluations: list = field(default_factory=list)  # one dict per evaluation
+    last_sample: str | None = None  # the task's sample text at the last evaluation
 
 
-def train_state(model, optimizer, scheduler, scaler, progress, data_signature, device):
+def train_state(model, optimizer, scaler, progress, data_signature, device):
     """The entries a resumable checkpoint adds to the weights."""
     return {
         "optimizer_state_dict": optimizer.state_dict(),
-        "scheduler_state_dict": scheduler.state_dict(),
         "scaler_state_dict": scaler.state_dict() if scaler else None,
         # Taken between steps: the state the next step starts from.
         "rng_state": torch.get_rng_state(),
@@ -42,8 +43,8 @@ def train_state(model, optimizer, scheduler, scaler, progress, data_signature, d
     }
 
 
-def restore_train_state(path, kind, model, optimizer, scheduler, scaler, data_signature, device):
-    """Load the state saved at `path` into the model, optimizer, scheduler and scaler; return the Progress."""
+def restore_train_state(path, kind, model, optimizer, scaler, data_signature, device):
+    """Load the state saved at `path` into the model, optimizer and scaler; return the Progress."""
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist (it is written at each evaluation); "
                         "drop --resume to start afresh")
@@ -62,7 +63,6 @@ def restore_train_state(path, kind, model, optimizer, scheduler, scaler, data_si
         raise UserError(f"{path} holds a different model than the one configured now; "
                         "resume with the same --init/--config") from None
     optimizer.load_state_dict(state["optimizer_state_dict"])
-    scheduler.load_state_dict(state["scheduler_state_dict"])
     if scaler and state["scaler_state_dict"]:
         scaler.load_state_dict(state["scaler_state_dict"])
     torch.set_rng_state(state["rng_state"])

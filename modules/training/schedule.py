@@ -4,6 +4,8 @@ from contextlib import nullcontext
 
 import torch
 
+from ..speed.precision import resolve_dtype
+
 
 def learning_rate_factor(step, warmup_steps, total_steps, min_factor=0.1):
     """The share of the peak learning rate at `step`: a linear warmup to the peak (large early updates from
@@ -16,13 +18,10 @@ def learning_rate_factor(step, warmup_steps, total_steps, min_factor=0.1):
 
 def autocast_context(dtype_name, device):
     """(context for the forward pass, GradScaler or None) for --dtype. Mixed precision runs the matrix
-    products in 16 bits and keeps the weights in 32; float16 needs a GradScaler on CUDA so that small
-    gradients do not underflow to zero. "auto" is bfloat16 on GPUs that have it, else float32."""
-    if dtype_name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype_name = "bfloat16" if cuda_bf16 else "float32"
-    if dtype_name == "float32":
+    products in 16 bits and keeps the weights and the loss in 32; float16 needs a GradScaler on CUDA so
+    that small gradients do not underflow to zero. "auto": see modules/speed/precision.py."""
+    dtype = resolve_dtype(dtype_name, device)
+    if dtype == torch.float32:
         return nullcontext(), None
-    dtype = getattr(torch, dtype_name)
-    scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
     return torch.autocast(device.type, dtype=dtype), scaler

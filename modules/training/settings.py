@@ -17,6 +17,7 @@ class TrainingSettings:
     out: Path
     epochs: int = 1
     max_steps: int | None = None
+    max_time: float | None = None
     batch_size: int = 8
     micro_batch_size: int | None = None
     lr: float = 3e-4
@@ -37,6 +38,7 @@ class TrainingSettings:
         for name in at_least_one:
             check_flag(name, getattr(self, name), lambda value: value >= 1, ">= 1")
         check_flag("lr", self.lr, lambda value: value > 0, "> 0")
+        check_flag("max_time", self.max_time, lambda value: value > 0, "> 0 seconds")
         for name in ("weight_decay", "warmup_steps", "grad_clip"):
             check_flag(name, getattr(self, name), lambda value: value >= 0, ">= 0 (0 turns it off)")
         if self.dtype not in DTYPES:
@@ -52,12 +54,16 @@ class TrainingSettings:
         return {**asdict(self), "out": str(self.out)}
 
 
-def add_training_args(parser, *, epochs=1, batch_size=8, lr=3e-4, eval_interval=None, eval_batches=10,
+def add_training_args(parser, *, epochs=1, max_time=None, batch_size=8, lr=3e-4, eval_interval=None, eval_batches=10,
                       weight_decay=0.1, out="checkpoints/model.pt"):
     """The flags every training script shares; each script picks its own defaults."""
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=int, default=epochs, help="passes over the training set (default: %(default)s)")
     group.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run; wins over --epochs")
+    group.add_argument("--max-time", type=float, default=max_time, metavar="SECONDS",
+                       help="train for this long (start-up excluded), at most --max-steps or --epochs: the steps "
+                            "that fit are planned before the first one, for the learning-rate schedule"
+                            + (" (default: %(default)s)" if max_time else ""))
     group.add_argument("--batch-size", type=int, default=batch_size,
                        help="samples per optimizer step, summed over all processes (default: %(default)s)")
     group.add_argument("--micro-batch-size", type=int, default=None,
@@ -74,7 +80,8 @@ def add_training_args(parser, *, epochs=1, batch_size=8, lr=3e-4, eval_interval=
     group.add_argument("--eval-batches", type=int, default=eval_batches,
                        help="batches of the training and validation sets per evaluation (default: %(default)s)")
     group.add_argument("--dtype", choices=DTYPES, default="auto",
-                       help="autocast precision (default: bfloat16 on GPUs that support it, else float32)")
+                       help="precision of the matrix products (autocast): auto is bfloat16 where the GPU or CPU "
+                            "computes it natively (AMX, AVX512-BF16), else float32 (default: %(default)s)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps, slow start)")
     group.add_argument("--seed", type=int, default=123, help="random seed (default: %(default)s)")
     group.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
