@@ -4,6 +4,7 @@ that `python gpt_eval.py` has an LLM judge score.
     python evaluate_responses.py                                    # checkpoints/instruct.pt, 200 answers
     python evaluate_responses.py --num 1000 --batch-size 32 --device cuda
     python evaluate_responses.py --temperature 0.7 --top-p 0.9 --seed 1 --out evaluation/sampled.json
+    python evaluate_responses.py --preset original                  # as the original: sampled at temperature 1
 
 The test set is the one fine_tune_instructional.py held out: the checkpoint records the data, the
 seed and the split. Answers are greedy unless --temperature is set, so the judged answers are
@@ -23,9 +24,19 @@ from modules.datasets.instructions import (fetch_alpaca, file_sha256, format_pro
 from modules.device import get_device
 from modules.errors import UserError, run_main
 from modules.files import exclusive_output
+from modules.presets import Preset, parse_with_presets
 from modules.results import ResumableResults
 from modules.speed import use_fastest_linear_kernels
 from modules.tokenizer import get_tokenizer
+
+
+# The original project's answers (its evaluate_responses.py, lines cited), flag by flag.
+ORIGINAL = Preset({
+    "num": 200,                            # test_set[0:200] (line 54)
+    "temperature": 1.0,                    # generate_text_v2's default, with no top-k (utils.py line 74)
+    "max_new_tokens": 256,                 # max_generated_tokens=256, eos_token_id=50256 (line 58)
+}, note="The test set is the one the checkpoint records: with a checkpoint of fine_tune_instructional.py "
+        "--preset original, the original's (the 10% of the records after the first 80%).")
 
 
 def parse_args():
@@ -44,7 +55,7 @@ def parse_args():
     parser.add_argument("--out", type=Path, default=Path("evaluation/responses.json"),
                         help="the JSON list of answers to write (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    args = parser.parse_args()
+    args = parse_with_presets(parser, {"original": ORIGINAL})
     if args.num < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--num, --batch-size and --max-new-tokens must be at least 1")
     if args.temperature < 0:
@@ -66,7 +77,8 @@ def held_out_test_records(checkpoint, metadata, data_override=None):
     if file_sha256(path) != info["sha256"]:
         print(f"warning: {path} differs from the file the model was tuned on, so the test set may hold "
               "records it was trained on", file=sys.stderr)
-    return split_instruction_data(entries, info["seed"], info["fractions"])[2]
+    # Checkpoints older than --split-order were all shuffled.
+    return split_instruction_data(entries, info["seed"], info["fractions"], info.get("split_order", "shuffled"))[2]
 
 
 def record_key(record):

@@ -5,6 +5,7 @@
     python fine_tune_classifier.py --init scratch --config tiny --lr 1e-3
     python fine_tune_classifier.py --lora-rank 16 --lr 1e-3         # LoRA adapters instead of the last block
     python fine_tune_classifier.py --classify "You won a prize! Call now"
+    python fine_tune_classifier.py --preset original                # the original's experiment: GPT-2 774M ...
 
 The output head becomes a 2-class Linear that reads each message's last real token. By default only
 the last transformer block, the final LayerNorm and the head train, as in the original project
@@ -22,8 +23,9 @@ from modules.device import get_device
 from modules.download import add_download_args
 from modules.errors import UserError, check_flag, run_main
 from modules.lora import apply_lora
-from modules.datasets.sms_spam import (LABEL_NAMES, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam, read_messages, split,
-                              split_paths, write_splits)
+from modules.datasets.sms_spam import (LABEL_NAMES, QUOTINGS, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam,
+                                      read_messages, split, split_paths, write_splits)
+from modules.presets import Preset, parse_with_presets
 from modules.tokenizer import encode
 from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
                               training_run)
@@ -63,11 +65,34 @@ class ClassifierTask(TrainingTask):
         return {"label_names": list(LABEL_NAMES), "max_length": self.max_length}
 
 
+# The original project's experiment (its fine_tune_classifier.py, lines cited), flag by flag.
+ORIGINAL = Preset({
+    # Balanced and split 70/10/20 as here (lines 75-89); the last block, the final norm and a new head
+    # train, as here by default (lines 256-265).
+    "quoting": "pandas",                   # pd.read_csv(sep="\t", header=None) (line 72)
+    "seed": 123,                           # random_state=123 to balance and to shuffle (lines 77, 82)
+    "init": "774M",                        # MyGPTModel(GPT_774_CONFIG) (line 245)
+    "drop_rate": 0.1,                      # GPT_774_CONFIG's (config.py line 27), in train mode (line 157)
+    "batch_size": 8,                       # batch_size = 8 (line 222)
+    "lr": 5e-5, "weight_decay": 0.1,       # AdamW(lr=5e-5, weight_decay=0.1) (line 280)
+    "epochs": 5,                           # num_epochs = 5 (line 281)
+    "eval_interval": 50, "eval_batches": 5,  # eval_freq=50, eval_iter=5 (line 284)
+    "warmup_steps": 0, "grad_clip": 0.0,   # no warmup, no clipping (train_model, lines 148-188)
+    "dtype": "float32",                    # no autocast
+}, note="Unlike the original, each message is classified at its last real token: the original read the last "
+        "position of the padded batch (line 118): padding, for all but the longest message of the split.")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = add_download_args(parser, "a local data set: UCI's SMSSpamCollection (label<TAB>text lines) or a .csv with "
-                                     "label and text columns (default: download UCI's zip into --data-dir)",
+                                     "label and text columns, such as the original's train.csv (labels 0 and 1) "
+                                     "(default: download UCI's zip into --data-dir)",
                              SMS_SPAM_URL, "the SMS Spam Collection")
+    data.add_argument("--quoting", choices=QUOTINGS, default="none",
+                      help="quotes in UCI's tab-separated file: none keeps each \" in its message (5,574 messages); "
+                           "pandas reads them as the original did, with pandas.read_csv: 53 messages lose quotes and "
+                           "one takes in the two lines after it (5,572 messages) (default: %(default)s)")
     data.add_argument("--no-balance", action="store_true",
                       help="keep every message (by default ham is undersampled to the number of spam messages)")
     data.add_argument("--max-length", type=int, default=None,
@@ -87,13 +112,13 @@ def parse_args(argv=None):
     use.add_argument("--checkpoint", type=Path, default=None, help="the classifier checkpoint for --classify (default: --out)")
     add_training_args(parser, epochs=5, batch_size=8, lr=5e-5, eval_interval=None, eval_batches=10,
                       weight_decay=0.1, out="checkpoints/classifier.pt")
-    return parser.parse_args(argv)
+    return parse_with_presets(parser, {"original": ORIGINAL}, argv)
 
 
 def load_splits(args, process):
     """Training, validation and test DataFrames, written as CSVs beside the checkpoint."""
     with process.main_process_first():
-        messages = read_messages(args.data or fetch_sms_spam(args.data_dir, args.data_url))
+        messages = read_messages(args.data or fetch_sms_spam(args.data_dir, args.data_url), args.quoting)
     if not args.no_balance:
         messages = balance(messages, args.seed)
     splits = split(messages, args.seed)

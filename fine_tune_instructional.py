@@ -1,23 +1,26 @@
-"""Instruction tuning: teach GPT-2 to follow instructions on Stanford Alpaca, as the original did.
+"""Instruction tuning: teach GPT-2 to follow instructions on Stanford Alpaca.
 
     python fine_tune_instructional.py                      # GPT-2 124M on the first 10,000 Alpaca records
+    python fine_tune_instructional.py --preset original    # the original project's experiment: GPT-2 774M ...
     python fine_tune_instructional.py --data my_data.jsonl --init 355M --mask-prompt
     python fine_tune_instructional.py --lora-rank 16 --lora-alpha 32   # LoRA adapters on a frozen model
     torchrun --nproc_per_node 4 fine_tune_instructional.py --batch-size 32
 
-The records are shuffled with --seed and split 80/10/10 into training, validation and test sets; the
-checkpoint records how, so `python evaluate_responses.py` answers the same test set and
-`python gpt_eval.py` has an LLM judge score the answers.
+The records are shuffled with --seed and split 80/10/10 into training, validation and test sets
+(--split-order file keeps the file's order, as the original did); the checkpoint records how, so
+`python evaluate_responses.py` answers the same test set and `python gpt_eval.py` has an LLM judge
+score the answers.
 """
 import argparse
 
-from modules.datasets.instructions import (ALPACA_URL, InstructionDataset, collate_instructions, fetch_alpaca,
-                                           file_sha256, generate_responses, load_instruction_data,
+from modules.datasets.instructions import (ALPACA_URL, SPLIT_ORDERS, InstructionDataset, collate_instructions,
+                                           fetch_alpaca, file_sha256, generate_responses, load_instruction_data,
                                            split_instruction_data)
 from modules.download import add_download_args
 from modules.errors import check_flag, run_main
 from modules.lora import apply_lora
 from modules.loss import IGNORE_INDEX
+from modules.presets import Preset, parse_with_presets
 from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
                               training_run)
 
@@ -50,15 +53,37 @@ class InstructionTask(TrainingTask):
         return self.metadata
 
 
+# The original project's experiment (its fine_tune_instructional.py, lines cited), flag by flag.
+ORIGINAL = Preset({
+    "init": "774M",                        # MyGPTModel(GPT_774_CONFIG) with OpenAI's 774M weights (lines 49, 54)
+    "limit": 10_000,                       # alpaca_data_10k.json, 10,000 Alpaca records (line 17)
+    "split_order": "file",                 # not shuffled: 80% train, 10% test, 10% validation (lines 22-28)
+    "val_fraction": 0.1, "test_fraction": 0.1,
+    # The loss covers prompt and response (utils.py, collate_batch), as here without --mask-prompt.
+    "batch_size": 2,                       # prepare_dataset(2) (line 48)
+    "lr": 2e-5, "weight_decay": 0.1,       # AdamW(lr=2e-5, weight_decay=0.1) (line 75)
+    "epochs": 5,                           # num_epochs = 5 (line 76)
+    "eval_interval": 50, "eval_batches": 50,  # eval_freq=50, eval_iter=50 (line 78)
+    "warmup_steps": 0, "grad_clip": 0.0,   # no warmup, no clipping (train.py, train_model)
+    "dtype": "float32",                    # no autocast
+}, note="Unlike the original, the validation loss is measured on the validation records: the original's "
+        "val_loader read the training set (its line 38), so its reported validation loss is a training loss.")
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = add_download_args(parser, "a JSON list or JSONL file of instruction/input/output records "
-                                     "(default: Stanford Alpaca, downloaded into --data-dir)", ALPACA_URL, "Alpaca")
+    data = add_download_args(parser, "a JSON list or JSONL file of instruction/input/output records, such as the "
+                                     "original's alpaca_data_10k.json (default: Stanford Alpaca, downloaded into "
+                                     "--data-dir)", ALPACA_URL, "Alpaca")
     data.add_argument("--limit", type=int, default=10000,
-                      help="use the first N records, 0 for all (default: %(default)s, as the original)")
+                      help="use the first N records, 0 for all (default: %(default)s, the size of the original's "
+                           "alpaca_data_10k.json)")
     data.add_argument("--val-fraction", type=float, default=0.1, help="share of the records for validation (default: %(default)s)")
     data.add_argument("--test-fraction", type=float, default=0.1,
                       help="share of the records held out for evaluate_responses.py (default: %(default)s)")
+    data.add_argument("--split-order", choices=SPLIT_ORDERS, default="shuffled",
+                      help="shuffled: shuffle with --seed, then training, validation, test; file: the file's order, "
+                           "cut as the original did: training first, then test, then validation (default: %(default)s)")
     data.add_argument("--max-length", type=int, default=None,
                       help="cut examples to this many tokens (default and maximum: the model's context size)")
     data.add_argument("--mask-prompt", action="store_true", help="train on the response tokens only, not on the prompt")
@@ -72,7 +97,7 @@ def parse_args():
                        help="tokens of the answer shown at each evaluation, 0 for none (default: %(default)s)")
     add_training_args(parser, epochs=2, batch_size=8, lr=5e-5, eval_interval=100, eval_batches=5,
                       out="checkpoints/instruct.pt")
-    return parser.parse_args()
+    return parse_with_presets(parser, {"original": ORIGINAL})
 
 
 def instruction_data_path(args, process):
@@ -91,7 +116,7 @@ def main():
         data_path = instruction_data_path(args, process)
         entries = load_instruction_data(data_path, limit=args.limit or None)
         fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
-        train_entries, val_entries, test_entries = split_instruction_data(entries, args.seed, fractions)
+        train_entries, val_entries, test_entries = split_instruction_data(entries, args.seed, fractions, args.split_order)
         model = starting_model(args, process)
         context_size = model.config["context_size"]
         max_length = args.max_length or context_size
@@ -107,8 +132,8 @@ def main():
         # What evaluate_responses.py needs to rebuild the same test set.
         metadata = {
             "data": {"path": str(data_path), "url": None if args.data else args.data_url, "limit": args.limit or None,
-                     "seed": args.seed, "fractions": list(fractions), "records": len(entries),
-                     "sha256": file_sha256(data_path)},
+                     "seed": args.seed, "fractions": list(fractions), "split_order": args.split_order,
+                     "records": len(entries), "sha256": file_sha256(data_path)},
             "max_length": max_length, "mask_prompt": args.mask_prompt,
             "lora": {"rank": args.lora_rank, "alpha": lora_alpha} if args.lora_rank else None,
         }

@@ -20,7 +20,8 @@ from modules.checkpoint import save_checkpoint
 from modules.device import get_device
 from modules.errors import UserError, run_main
 from modules.generation import stream_text
-# load_gpt2 stays importable from this script: `from get_gpt_weights import load_gpt2` is the original project's import.
+# load_gpt2 stays importable from this script, where the original kept its loader (under other names:
+# download_and_load_gpt2_weights and load_weights_to_model, which this project does not provide).
 from modules.pretrained import BASE_URL, MODEL_SIZES, download_gpt2, load_gpt2, load_gpt2_from_hf
 from modules.speed import use_fastest_linear_kernels
 from modules.tokenizer import END_OF_TEXT_ID

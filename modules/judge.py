@@ -1,6 +1,6 @@
-"""The LLM judge: the original's prompt asking for a 0-100 score of a model's answer, one request to any
-OpenAI-compatible server, the score read from a loose reply, and a failed request told in one line.
-gpt_eval.py is its command line."""
+"""The LLM judge: the original project's prompt asking for a 0-100 score of a model's answer, sent as
+the original sent it (temperature 0, seed 123) to any OpenAI-compatible server, the score read from a
+loose reply, and a failed request told in one line. gpt_eval.py is its command line."""
 import os
 import re
 
@@ -12,16 +12,18 @@ from .errors import UserError
 THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)  # reasoning models (DeepSeek-R1, Qwen3) think aloud first
 FRACTION = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 NUMBER = re.compile(r"(?<![\w.-])-?\d+(?:\.\d+)?")
+# The original's request: the judge's most likely reply, and the seed that asks OpenAI to repeat it.
+REQUEST_OPTIONS = {"temperature": 0.0, "seed": 123}
 
 
 def judge_prompt(entry):
-    """The original's prompt, word for word."""
+    """The original's prompt, byte for byte (its gpt_eval.py), with this project's key model_response."""
     return (
         f"Given the input `{format_input(entry)}` "
         f"and correct output `{entry['output']}`, "
         f"score the model response `{entry['model_response']}`"
         f" on a scale from 0 to 100, where 100 is the best score. "
-        f"Respond with the integer number only."
+        f"Respond with the number only."
     )
 
 
@@ -58,7 +60,7 @@ def ask_judge(client, judge_model, entry):
     """The judge's reply to the prompt for `entry`. The client retries 429, 5xx, timeouts and dropped
     connections itself, with exponential backoff, following Retry-After when the server sends one."""
     completion = client.chat.completions.create(
-        model=judge_model, temperature=0.0, messages=[{"role": "user", "content": judge_prompt(entry)}])
+        model=judge_model, messages=[{"role": "user", "content": judge_prompt(entry)}], **REQUEST_OPTIONS)
     return completion.choices[0].message.content or ""
 
 

@@ -70,7 +70,7 @@ def test_balance_and_seeded_70_10_20_split(tmp_path):
     assert sum(map(len, split(messages, seed=1))) == 150  # --no-balance keeps every message
 
 
-def test_real_sms_spam_collection_parses_and_splits_like_the_original():
+def test_real_sms_spam_collection_parses_5574_messages_and_splits_1045_149_300():
     path = SHARED_DATA / "SMSSpamCollection"
     if not path.is_file():
         print(f"skipped: {path} is absent")
@@ -80,16 +80,27 @@ def test_real_sms_spam_collection_parses_and_splits_like_the_original():
     assert [len(part) for part in split(balance(messages, 123), 123)] == [1045, 149, 300]
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("ham\thello\nspam no tab here\n", "line 2: expected a label (ham or spam), a tab, then the message; found no tab"),
-    ("ham\thello\n\nham\tthere\nspamm\twin\n", "line 4: expected the label 'ham' or 'spam', found 'spamm'"),
-    ("ham\thello\nspam\t  \n", "line 2: the spam message is empty"),
+@pytest.mark.parametrize("quoting, content, expected", [
+    ("none", "ham\thello\nspam no tab here\n", "line 2: expected a label (ham or spam), a tab, then the message; found no tab"),
+    ("none", "ham\thello\n\nham\tthere\nspamm\twin\n", "line 4: expected the label 'ham' or 'spam' (or 0 or 1), found 'spamm'"),
+    ("none", "ham\thello\nspam\t  \n", "line 2: the spam message is empty"),
+    ("pandas", "ham\thello\nspam\twin\tnow\n", "is not a valid tab-separated file: Error tokenizing data"),
+    ("pandas", 'ham\t"hello\n"\nspamm\twin\n', "line 3: expected the label 'ham' or 'spam' (or 0 or 1), found 'spamm'"),
+    ("pandas", "ham\thello\nspam\n", "line 2: the spam message is empty"),
 ])
-def test_a_malformed_tsv_names_the_line_and_what_was_expected(tmp_path, content, expected):
+def test_a_malformed_tsv_names_the_line_and_what_was_expected(tmp_path, quoting, content, expected):
     path = tmp_path / "bad.tsv"
     path.write_text(content)
     with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        read_messages(path)
+        read_messages(path, quoting)
+
+
+def test_the_originals_way_of_reading_quotes(tmp_path):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_text('ham\t"hello" there\nspam\twin\n')
+    assert read_messages(path)["text"].tolist() == ['"hello" there', "win"]
+    # pandas.read_csv takes the opening quote for CSV quoting and drops the pair, as the original read it.
+    assert read_messages(path, quoting="pandas")["text"].tolist() == ["hello there", "win"]
 
 
 def test_csv_with_label_and_text_columns_and_its_errors(tmp_path):
@@ -176,7 +187,7 @@ def test_init_from_an_lm_checkpoint_keeps_its_weights_and_trains_the_last_block_
     torch.testing.assert_close(model.token_embedding.weight, lm.token_embedding.weight)
     trainable = {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks") else "")
                  for name, parameter in model.named_parameters() if parameter.requires_grad}
-    assert trainable == {"blocks.1", "final_norm", "out_head"}
+    assert trainable == {"blocks.1", "final_norm", "out_head"}  # as the original (fine_tune_classifier.py lines 256-265)
     args = fine_tune_classifier.parse_args(["--init", "scratch", "--config", str(micro_config)])
     scratch = fine_tune_classifier.as_classifier(initial_model(args.init, args.config), args)
     assert all(parameter.requires_grad for parameter in scratch.parameters())  # nothing pretrained to keep

@@ -165,7 +165,7 @@ def test_tensorflow_is_only_imported_to_read_a_checkpoint():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
-def test_the_package_imports_no_script_and_the_originals_import_still_works():
+def test_the_package_imports_no_script_and_load_gpt2_stays_importable_from_the_script():
     code = ("import sys, modules.checkpoint, modules.pretrained; assert 'get_gpt_weights' not in sys.modules; "
             "from get_gpt_weights import load_gpt2; assert load_gpt2 is modules.pretrained.load_gpt2")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

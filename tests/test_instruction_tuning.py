@@ -15,7 +15,7 @@ from modules import GPTModel
 from modules.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from modules.errors import UserError
 from modules.datasets.instructions import split_instruction_data
-from modules.judge import judge_prompt, parse_score
+from modules.judge import parse_score
 from modules.lora import apply_lora
 
 NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
@@ -128,6 +128,7 @@ class Judge(BaseHTTPRequestHandler):
 
     replies = {"answer A": "85", "answer B": "Score: 70", "answer C": "90/100", "answer D": "I cannot rate this."}
     requests = []
+    sampling = []  # what each request asked of the model besides the prompt
     failures = [429, 503]
 
     def do_POST(self):
@@ -138,6 +139,7 @@ class Judge(BaseHTTPRequestHandler):
         prompt = body["messages"][-1]["content"]
         judged = re.search(r"score the model response `(.*?)` on a scale", prompt, re.DOTALL)[1]
         Judge.requests.append(judged)
+        Judge.sampling.append({key: body.get(key) for key in ("model", "temperature", "seed")})
         if Judge.failures:
             return self._send(Judge.failures.pop(0), {"error": {"message": "slow down"}}, {"Retry-After": "0.01"})
         self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -159,7 +161,7 @@ class Judge(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def judge_url():
-    Judge.requests, Judge.failures = [], [429, 503]
+    Judge.requests, Judge.sampling, Judge.failures = [], [], [429, 503]
     server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -186,6 +188,7 @@ def test_judge_scores_parses_loose_replies_retries_and_counts_the_unparsable(res
     assert result.stdout.strip().splitlines()[-1] == "Average score: 81.67"  # (85 + 70 + 90) / 3
     assert "3 of 4 answers scored by gpt-4o-mini, 1 unparsable" in result.stdout
     assert len(Judge.requests) == 6  # four answers, and the 429 and the 503 were retried
+    assert all(asked == {"model": "gpt-4o-mini", "temperature": 0.0, "seed": 123} for asked in Judge.sampling)
     saved = json.loads(responses.with_name("scores.json").read_text())
     assert [entry["score"] for entry in saved["scores"]] == [85, 70, 90, None]
     assert saved["scores"][3]["judge_reply"] == "I cannot rate this." and saved["unparsable"] == 1
@@ -247,11 +250,3 @@ def test_lora_tuning_trains_adapters_only_and_saves_them_merged(tuned, tmp_path,
     ids = torch.randint(0, 50257, (2, 20))
     assert (adapted(ids) - merged(ids)).abs().max() < 1e-4
 
-
-def test_judge_prompt_is_the_originals():
-    entry = {"instruction": "Name a colour.", "input": "", "output": "Blue.", "model_response": "Red."}
-    assert judge_prompt(entry) == (
-        "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request.\n\n### Instruction:\nName a colour.` and correct output `Blue.`, score the model "
-        "response `Red.` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
-    )

@@ -13,8 +13,8 @@ from modules.tokenizer import END_OF_TEXT_ID, get_tokenizer
 def test_prompt_has_input_section_only_when_there_is_an_input():
     with_input = format_prompt({"instruction": "Translate.", "input": "Hallo", "output": "Hello"})
     assert with_input == (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nTranslate.\n\n### Input:\nHallo\n\n### Response:\n"
+        "Below is an instruction that describes a requested task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nTranslate.\n\n### Input:\nHallo\n\n### Response:\n"
     )
     without = format_prompt({"instruction": "Say hi.", "input": "", "output": "Hi"})
     assert "### Input" not in without and without.endswith("### Instruction:\nSay hi.\n\n### Response:\n")
@@ -68,6 +68,17 @@ def test_split_is_seeded_disjoint_and_complete():
         split_instruction_data(RECORDS[:5], seed=1)
     with pytest.raises(UserError, match="summing to 1"):
         split_instruction_data(RECORDS, seed=1, fractions=(0.8, 0.1, 0.2))
+
+
+def test_file_order_split_keeps_the_order_with_test_before_validation():
+    train, val, test = split_instruction_data(RECORDS, seed=1, order="file")
+    assert (train, test, val) == (RECORDS[:16], RECORDS[16:18], RECORDS[18:])
+    # 1 - 0.15 - 0.05 is 0.7999...: the training set still gets its 80%.
+    assert len(split_instruction_data(RECORDS, 1, (1.0 - 0.15 - 0.05, 0.15, 0.05), "file")[0]) == 16
+    with pytest.raises(UserError, match="too few"):
+        split_instruction_data(RECORDS[:5], seed=1, order="file")
+    with pytest.raises(UserError, match="split order must be one of shuffled, file"):
+        split_instruction_data(RECORDS, seed=1, order="sorted")
 
 
 def test_real_instruction_data_splits_880_110_110():

@@ -1,5 +1,6 @@
-"""Instruction following: the original's Alpaca prompt, the instruction data (loading, splitting,
-batching for training) and batched answering, shared by fine-tuning, evaluation and the app."""
+"""Instruction following: the Alpaca prompt (the original project's, byte for byte), the instruction data
+(loading, splitting, batching for training) and batched answering, shared by fine-tuning, evaluation and
+the app."""
 import hashlib
 import random
 
@@ -12,8 +13,10 @@ from ..generation import generate
 from ..loss import IGNORE_INDEX
 from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
 
+# The original's wording, which says "a requested task" where Stanford Alpaca's own prompt says "a task".
 PROMPT_HEADER = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "Below is an instruction that describes a requested task. Write a response that appropriately completes "
+    "the request."
 )
 RESPONSE_MARKER = "\n\n### Response:\n"
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
@@ -71,19 +74,38 @@ def _checked_record(record, index, path):
     return {"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"]}
 
 
-def split_instruction_data(entries, seed, fractions=(0.8, 0.1, 0.1)):
-    """(train, val, test): the entries shuffled with `seed`, then cut by `fractions` (train, val, test).
-    Validation and test sizes are rounded; training gets the rest."""
+SPLIT_ORDERS = ("shuffled", "file")
+
+
+def split_instruction_data(entries, seed, fractions=(0.8, 0.1, 0.1), order="shuffled"):
+    """(train, val, test) cut from the entries by `fractions` (train, val, test).
+
+    order "shuffled": the entries shuffled with `seed`, then training, validation and test in that
+    order, the validation and test sizes rounded. order "file": the entries as they come, cut as the
+    original project cut alpaca_data_10k.json: training first, then test, then validation (the rest),
+    the training and test sizes rounded down."""
     if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise UserError(f"the train/val/test fractions {tuple(fractions)} must be three positive numbers summing to 1")
-    shuffled = list(entries)
-    random.Random(seed).shuffle(shuffled)
-    val_size, test_size = round(len(shuffled) * fractions[1]), round(len(shuffled) * fractions[2])
-    train_size = len(shuffled) - val_size - test_size
-    if min(train_size, val_size, test_size) < 1:
-        raise UserError(f"{len(shuffled)} records are too few to split {tuple(fractions)} into non-empty "
+    if order not in SPLIT_ORDERS:
+        raise UserError(f"the split order must be one of {', '.join(SPLIT_ORDERS)}, not {order!r}")
+    entries = list(entries)
+    total = len(entries)
+    if order == "file":
+        # The epsilon keeps a fraction computed as 1 - 0.15 - 0.05 (0.7999...) from losing a record.
+        train_size, test_size = (int(total * fraction + 1e-9) for fraction in (fractions[0], fractions[2]))
+        val_size = total - train_size - test_size
+        sizes = {"train": train_size, "test": test_size, "val": val_size}
+    else:
+        random.Random(seed).shuffle(entries)
+        val_size, test_size = round(total * fractions[1]), round(total * fractions[2])
+        sizes = {"train": total - val_size - test_size, "val": val_size, "test": test_size}
+    if min(sizes.values()) < 1:
+        raise UserError(f"{total} records are too few to split {tuple(fractions)} into non-empty "
                         "training, validation and test sets; add records or raise --limit")
-    return shuffled[:train_size], shuffled[train_size:train_size + val_size], shuffled[train_size + val_size:]
+    parts, start = {}, 0
+    for name, size in sizes.items():  # in the order the parts follow each other
+        parts[name], start = entries[start:start + size], start + size
+    return parts["train"], parts["val"], parts["test"]
 
 
 # ----------------------------------------------------------------------------- training batches
