@@ -77,7 +77,7 @@ ORIGINAL = Preset({
     "lr": 5e-5, "weight_decay": 0.1,       # AdamW(lr=5e-5, weight_decay=0.1) (line 280)
     "epochs": 5,                           # num_epochs = 5 (line 281)
     "eval_interval": 50, "eval_batches": 5,  # eval_freq=50, eval_iter=5 (line 284)
-    "warmup_steps": 0, "grad_clip": 0.0,   # no warmup, no clipping (train_model, lines 148-188)
+    "warmup_steps": 0, "lr_schedule": "constant", "grad_clip": 0.0,  # constant lr, no clipping (train_model, lines 148-188)
     "dtype": "float32",                    # no autocast
 }, note="Unlike the original, each message is classified at its last real token: the original read the last "
         "position of the padded batch (line 118): padding, for all but the longest message of the split.")

@@ -64,7 +64,7 @@ ORIGINAL = Preset({
     "lr": 2e-5, "weight_decay": 0.1,       # AdamW(lr=2e-5, weight_decay=0.1) (line 75)
     "epochs": 5,                           # num_epochs = 5 (line 76)
     "eval_interval": 50, "eval_batches": 50,  # eval_freq=50, eval_iter=50 (line 78)
-    "warmup_steps": 0, "grad_clip": 0.0,   # no warmup, no clipping (train.py, train_model)
+    "warmup_steps": 0, "lr_schedule": "constant", "grad_clip": 0.0,  # constant lr, no clipping (train.py, train_model)
     "dtype": "float32",                    # no autocast
 }, note="Unlike the original, the validation loss is measured on the validation records: the original's "
         "val_loader read the training set (its line 38), so its reported validation loss is a training loss.")

@@ -150,3 +150,11 @@ def test_resume_under_max_time_keeps_the_plan_and_repeats_the_losses(tmp_path, s
     train.main([*cut, "--resume"])
     resumed = read_checkpoint(tmp_path / "cut.last.pt")["train_state"]["progress"]
     assert [loss for *_, loss in resumed["step_losses"]] == pytest.approx([loss for *_, loss in whole["step_losses"]], abs=1e-6)
+
+
+def test_learning_rate_warms_up_then_decays_or_stays():
+    from modules.training.schedule import learning_rate_factor
+
+    assert [learning_rate_factor(step, 4, 100) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate_factor(99, 4, 100) == pytest.approx(0.1, abs=1e-3)  # cosine down to a tenth
+    assert learning_rate_factor(99, 4, 100, "constant") == 1.0 == learning_rate_factor(4, 0, 100, "constant")

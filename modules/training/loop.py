@@ -78,7 +78,8 @@ class Trainer:
         """One optimizer step over the global batch; returns (mean loss, tokens trained on by all processes)."""
         warmup = self.settings.warmup_steps if self.settings.warmup_steps is not None else max(1, self.total_steps // 20)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.settings.lr * learning_rate_factor(self.progress.step, warmup, self.total_steps)
+            group["lr"] = self.settings.lr * learning_rate_factor(self.progress.step, warmup, self.total_steps,
+                                                                  self.settings.lr_schedule)
         total_loss, tokens = self.forward_backward(self.progress.step)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)

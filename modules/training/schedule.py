@@ -1,4 +1,4 @@
-"""How the learning rate and the arithmetic precision change over a run."""
+"""How the learning rate changes over a run, and in which precision the forward pass runs."""
 import math
 from contextlib import nullcontext
 
@@ -7,11 +7,14 @@ import torch
 from ..speed.precision import resolve_dtype
 
 
-def learning_rate_factor(step, warmup_steps, total_steps, min_factor=0.1):
+def learning_rate_factor(step, warmup_steps, total_steps, schedule="cosine", min_factor=0.1):
     """The share of the peak learning rate at `step`: a linear warmup to the peak (large early updates from
-    random weights would be noisy), then a cosine decay to min_factor of it at the last step."""
+    random weights would be noisy), then for "cosine" a cosine decay to min_factor of it at the last step,
+    for "constant" the peak until the end."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import UserError, check_flag
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class TrainingSettings:
     lr: float = 3e-4
     weight_decay: float = 0.1
     warmup_steps: int | None = None
+    lr_schedule: str = "cosine"
     grad_clip: float = 1.0
     eval_interval: int | None = None
     eval_batches: int = 10
@@ -41,6 +43,8 @@ class TrainingSettings:
         check_flag("max_time", self.max_time, lambda value: value > 0, "> 0 seconds")
         for name in ("weight_decay", "warmup_steps", "grad_clip"):
             check_flag(name, getattr(self, name), lambda value: value >= 0, ">= 0 (0 turns it off)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
@@ -74,6 +78,9 @@ def add_training_args(parser, *, epochs=1, max_time=None, batch_size=8, lr=3e-4,
                        help="AdamW weight decay on matrices (default: %(default)s)")
     group.add_argument("--warmup-steps", type=int, default=None,
                        help="linear warmup before the cosine decay (default: 5%% of the steps)")
+    group.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
+                       help="after the warmup: cosine decay to a tenth of --lr at the last step, or constant "
+                            "(default: %(default)s)")
     group.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 to disable (default: %(default)s)")
     group.add_argument("--eval-interval", type=int, default=eval_interval,
                        help="evaluate (and save) every N steps (default: once per epoch, and at the end)")
