@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    Row, add_common_args, benchmark_config, common_flags, memory_read_bandwidth, model_pair, peak_memory_bytes,
-    one_side_model, report_from_worker, run_and_print, run_workers, setup, timed,
+    benchmark_main, Row, add_common_args, benchmark_config, common_flags, memory_read_bandwidth, model_pair, peak_memory_bytes,
+    one_side_model, report_from_worker, run_workers, setup, timed,
 )
 from modules.errors import run_main  # noqa: E402
 from modules.generation import generate  # noqa: E402
@@ -123,10 +123,7 @@ def worker_flags(args):
 
 
 def main():
-    args = parse_args()
-    if args.worker:
-        return worker(args)
-    run_and_print(run, args, f"Generation, {args.size if not args.quick else 'quick'} on {args.device}")
+    benchmark_main(parse_args, worker, run, "Generation")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    Row, add_common_args, benchmark_config, common_flags, current_rss_bytes, peak_rss_bytes,
-    reference_model, report_from_worker, run_and_print, run_workers, setup,
+    benchmark_main, Row, add_common_args, benchmark_config, common_flags, current_rss_bytes, peak_rss_bytes,
+    reference_model, report_from_worker, run_workers, setup,
 )
 from modules.errors import run_main  # noqa: E402
 
@@ -138,10 +138,7 @@ def run(args):
 
 
 def main():
-    args = parse_args()
-    if args.worker:
-        return worker(args)
-    run_and_print(run, args, f"Loading, {args.size if not args.quick else 'quick'}")
+    benchmark_main(parse_args, worker, run, "Loading")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    Row, add_common_args, benchmark_config, common_flags, matmul_peak_flops, model_pair, peak_memory_bytes,
-    one_side_model, report_from_worker, run_and_print, run_workers, setup, timed,
+    benchmark_main, Row, add_common_args, benchmark_config, common_flags, matmul_peak_flops, model_pair, peak_memory_bytes,
+    one_side_model, report_from_worker, run_workers, setup, timed,
 )
 from modules.speed import keep_freed_memory  # noqa: E402
 from modules.errors import run_main  # noqa: E402
@@ -159,10 +159,7 @@ def worker_flags(args):
 
 
 def main():
-    args = parse_args()
-    if args.worker:
-        return worker(args)
-    run_and_print(run, args, f"Training, {args.size if not args.quick else 'quick'} on {args.device}")
+    benchmark_main(parse_args, worker, run, "Training")
 
 
 if __name__ == "__main__":

@@ -150,9 +150,9 @@ def peak_memory_bytes(device):
     return peak_rss_bytes()
 
 
-def matmul_peak_flops(device, size=4096, repeats=5):
-    """FLOP/s of an fp32 size x size matmul: the practical peak of this device and thread count."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_peak_flops(device, size=4096, repeats=5, dtype=torch.float32):
+    """FLOP/s of a size x size matmul in `dtype`: the practical peak of this device and thread count."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     timed(lambda: a @ b, device)  # warm-up
     seconds = statistics.median(timed(lambda: a @ b, device)[0] for _ in range(repeats))
     return 2 * size**3 / seconds
@@ -273,14 +273,32 @@ def markdown_table(rows):
     return "\n".join("| " + " | ".join(line) + " |" for line in [lines[0], ["---"] * len(TABLE_HEADER), *lines[1:]])
 
 
-def run_and_print(run, args, title):
-    """A benchmark script's main: run it, then print its table and how busy the machine was."""
+def benchmark_main(parse_args, worker, run, title):
+    """A benchmark script's main: a worker process does its part; otherwise run the benchmark and print its
+    table under the machine's description and how busy the machine was."""
+    args = parse_args()
+    if args.worker:
+        return worker(args)
     with BackgroundLoad() as load:
         rows = run(args)
-    print(f"\n{title}. {load.describe()}\n\n{markdown_table(rows)}\n", flush=True)
+    size = "quick" if args.quick else args.size
+    print(f"\n{title}, {size} on {args.device}. {machine_description(setup(args), args.threads)}. {load.describe()}\n\n"
+          f"{markdown_table(rows)}\n", flush=True)
+
+
+def cpu_flags():
+    """The instruction sets that decide PyTorch's CPU speed, among this CPU's (Linux's /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = set(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return []
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+    return [flag for flag in wanted if flag in flags]
 
 
 def machine_description(device, threads):
+    """Where a benchmark ran: the CPU (model, cores, instruction sets) or GPU, threads, library versions."""
     import platform
 
     import transformers
@@ -293,4 +311,5 @@ def machine_description(device, threads):
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {threads} threads, {versions}"
+    return (f"{cpu}, {os.cpu_count()} cores ({' '.join(cpu_flags()) or 'flags unknown'}), {threads} threads, "
+            f"{versions}")
