@@ -26,7 +26,7 @@ PERCENT = st.column_config.NumberColumn(format="percent")
 
 def show_language_model_inside(model, prompt, settings, kind):
     """Kinds "lm" and "instruct": the prompt's tokens and their surprise, the distribution of the next
-    token under the sidebar's settings, and the attention maps. `settings` are the sidebar's."""
+    token under the sidebar's `settings`, and the attention maps."""
     token_ids = with_appended_tokens(prompt, model.config["context_size"], f"{kind}_appended")
     inspection = inspect_prompt(model, token_ids)
     pieces = token_pieces(token_ids)
