@@ -4,7 +4,11 @@
     streamlit run app.py -- --checkpoints-dir DIR --device cpu
 
 The checkpoint's kind picks the page: "lm" completes a text, "instruct" answers an instruction in the
-Alpaca format, "classifier" labels a message. Everything else comes from modules/.
+Alpaca format, "classifier" labels a message. Beside each, the "Inside the model" tab shows what the
+model computes for that text (app_pages/inside_the_model.py). Everything else comes from modules/.
+
+Several browser sessions may use the app at once: each model is loaded once and shared read-only, and
+what one session changes (appended tokens, widget values) lives in its own st.session_state.
 """
 import argparse
 import functools
@@ -16,6 +20,7 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
+from app_pages.inside_the_model import show_classifier_inside, show_language_model_inside
 from modules.checkpoint import KINDS, CheckpointError, load_checkpoint, read_checkpoint
 from modules.classification import classify
 from modules.device import get_device
@@ -31,6 +36,8 @@ GENERATION_DEFAULTS = {
     "instruct": {"max_new_tokens": 256, "temperature": 0.0, "top_k": 0},
 }
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:&])")
+RESUME_SUFFIX = ".last.pt"  # the training scripts' resume files: the last step, not the best model
+INSIDE_THE_MODEL = "Inside the model"
 
 
 def build_parser():
@@ -88,10 +95,23 @@ def show_how_to_make_a_checkpoint(folder):
 
 
 def pick_checkpoint(folder, names):
-    """The sidebar's checkpoint picker, on the first usable checkpoint; unreadable files are listed as such."""
-    kinds = {name: checkpoint_kind(str(Path(folder, name)), Path(folder, name).stat().st_mtime_ns) for name in names}
-    first_usable = next((index for index, name in enumerate(names) if kinds[name]), 0)
-    name = st.sidebar.selectbox("Checkpoint", names, index=first_usable, key="checkpoint",
+    """The sidebar's checkpoint picker. Best checkpoints come first and the newest usable one is picked;
+    resume files (*.last.pt) are listed after them only when asked for, or when there is nothing else.
+    Unreadable files are listed as such."""
+    best = [name for name in names if not name.endswith(RESUME_SUFFIX)]
+    resume_files = [name for name in names if name.endswith(RESUME_SUFFIX)]
+    show_resume_files = not best
+    if best and resume_files:
+        show_resume_files = st.sidebar.toggle(
+            "Show resume files", key="show_resume_files",
+            help="*.last.pt: the last training step with its optimizer state, for --resume; the best model is "
+                 "the file without .last")
+    listed = best + resume_files if show_resume_files else best
+    mtimes = {name: Path(folder, name).stat().st_mtime_ns for name in listed}
+    kinds = {name: checkpoint_kind(str(Path(folder, name)), mtimes[name]) for name in listed}
+    usable = [name for name in listed if kinds[name]] or listed
+    newest = max(usable, key=lambda name: (name in best, mtimes[name]))
+    name = st.sidebar.selectbox("Checkpoint", listed, index=listed.index(newest), key="checkpoint",
                                 format_func=lambda name: f"{name} · {kinds[name] or 'unreadable'}")
     return Path(folder, name)
 
@@ -113,18 +133,41 @@ def generation_settings(kind):
             "top_p": top_p if top_p < 1.0 else None, "seed": seed}
 
 
+def clicked_action_tab(kind, action, text, what, show_inside):
+    """The page's two tabs: `action` (a button of that name) and "Inside the model", which calls
+    show_inside(). Only the open tab runs, so each costs nothing while the other is in use.
+
+    Returns the action's tab when its button was clicked on a `text` that is not blank (the caller
+    fills the tab with the result), else None. A blank text gets a warning to type `what` first."""
+    action_tab, inside_tab = st.tabs([action, INSIDE_THE_MODEL], key=f"{kind}_tab", on_change="rerun")
+    if inside_tab.open:
+        with inside_tab:
+            if has_text(text, what):
+                show_inside()
+        return None
+    with action_tab:
+        clicked = st.button(action, type="primary") and has_text(text, what)
+    return action_tab if clicked else None
+
+
+def has_text(text, what):
+    """Whether `text` holds more than blanks; if not, a warning asks to type `what` first."""
+    if text.strip():
+        return True
+    st.warning(f"Type {what} first.")
+    return False
+
+
 def complete_text(model):
     """kind "lm": the prompt followed by its continuation, streamed as it is generated."""
     settings = generation_settings("lm")
     prompt = st.text_area("Prompt", "Every effort moves you")
-    if not st.button("Generate", type="primary"):
-        return
-    if not prompt.strip():
-        st.warning("Type a prompt first.")
-        return
-    with st.container(border=True, key="output"):
-        pieces = itertools.chain([prompt], stream_text(model, prompt, **settings))
-        st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
+    tab = clicked_action_tab("lm", "Generate", prompt, "a prompt",
+                             lambda: show_language_model_inside(model, prompt, settings, "lm"))
+    if tab:
+        with tab, st.container(border=True, key="output"):
+            pieces = itertools.chain([prompt], stream_text(model, prompt, **settings))
+            st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
 def follow_instruction(model):
@@ -132,16 +175,15 @@ def follow_instruction(model):
     settings = generation_settings("instruct")
     instruction = st.text_area("Instruction", "Rewrite the sentence using a simile.")
     input_text = st.text_area("Input (optional)", "The car is very fast.")
-    if not st.button("Answer", type="primary"):
-        return
-    if not instruction.strip():
-        st.warning("Type an instruction first.")
-        return
     prompt = format_prompt({"instruction": instruction, "input": input_text.strip()})
-    with st.expander("The prompt the model sees"):
-        st.text(prompt)
-    with st.container(border=True, key="output"):
-        st.write_stream(plain_text_as_markdown(piece) for piece in stream_text(model, prompt, **settings))
+    tab = clicked_action_tab("instruct", "Answer", instruction, "an instruction",
+                             lambda: show_language_model_inside(model, prompt, settings, "instruct"))
+    if tab:
+        with tab:
+            with st.expander("The prompt the model sees"):
+                st.text(prompt)
+            with st.container(border=True, key="output"):
+                st.write_stream(plain_text_as_markdown(piece) for piece in stream_text(model, prompt, **settings))
 
 
 def detect_spam(model):
@@ -150,15 +192,12 @@ def detect_spam(model):
     if labels:
         st.caption(f"Labels: {', '.join(labels)}")
     text = st.text_area("Message", "You are a winner! Claim your free prize now by calling 0800 123 456.")
-    if not st.button("Classify", type="primary"):
-        return
-    if not text.strip():
-        st.warning("Type a message first.")
-        return
-    label, probability = classify(model, text)
-    verdict, confidence = st.columns(2)
-    verdict.metric("Verdict", label)
-    confidence.metric("Probability", f"{probability:.1%}")
+    tab = clicked_action_tab("classifier", "Classify", text, "a message", lambda: show_classifier_inside(model, text))
+    if tab:
+        label, probability = classify(model, text)
+        verdict, confidence = tab.columns(2)
+        verdict.metric("Verdict", label)
+        confidence.metric("Probability", f"{probability:.1%}")
 
 
 PAGES = {"lm": complete_text, "instruct": follow_instruction, "classifier": detect_spam}

@@ -13,8 +13,9 @@ from .inference import KVCache, next_token_logits
 from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
-def next_token_logits_filter(logits, temperature=0.0, top_k=None, top_p=None):
-    """Scale and truncate (batch, vocab) logits as the sampling settings ask; -inf marks excluded tokens."""
+def sampling_logits(logits, temperature, top_k=None, top_p=None):
+    """The logits a token is sampled from: (batch, vocab) logits divided by the temperature (> 0), with
+    -inf for the tokens that top_k and top_p cut (modules/inspection.py shows the same cut in the app)."""
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -33,7 +34,7 @@ def pick_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=N
     """(batch, vocab) logits of the last position -> (batch,) chosen token ids."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    probabilities = next_token_logits_filter(logits.float(), temperature, top_k, top_p).softmax(dim=-1)
+    probabilities = sampling_logits(logits.float(), temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 

@@ -1,47 +1,20 @@
-"""The Streamlit app: every page through streamlit's AppTest, and one run in a real headless Chromium."""
+"""The Streamlit app through streamlit's AppTest: every page, the checkpoint list, errors; the "Inside the
+model" tab in test_app_inside_the_model.py, a real browser in test_app_browser.py."""
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 
-from app import GENERATION_DEFAULTS, find_checkpoints, plain_text_as_markdown
-from modules import GPTModel, GPT_CONFIGS
-from modules.checkpoint import load_checkpoint, save_checkpoint
+from app import find_checkpoints, plain_text_as_markdown
+from modules.checkpoint import load_checkpoint
 from modules.classification import classify
 from modules.generation import stream_text
 from modules.datasets.instructions import format_prompt
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 1, "context_size": 64}
-TIMEOUT = 60  # seconds per script run; a run takes about one second
-
-
-def save_lm(path, kind="lm", seed=0):
-    torch.manual_seed(seed)
-    save_checkpoint(path, GPTModel(CONFIG), kind, step=10)
-
-
-def save_classifier(path):
-    torch.manual_seed(0)
-    model = GPTModel({**CONFIG, "num_classes": 2})
-    with torch.no_grad():
-        model.out_head.bias.copy_(torch.tensor([0.0, 3.0]))  # an untrained spam detector that says "spam"
-    save_checkpoint(path, model, "classifier", label_names=["ham", "spam"], max_length=32)
-
-
-def start_app(folder, monkeypatch):
-    """The app as `streamlit run app.py -- --checkpoints-dir folder` starts it (AppTest runs it in this process)."""
-    monkeypatch.setattr(sys, "argv", ["app.py", "--checkpoints-dir", str(folder)])
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
-    assert not at.exception, at.exception
-    return at
+from tests.app_helpers import ROOT, save_classifier, save_lm, start_app
 
 
 def output_text(at):
@@ -175,106 +148,28 @@ def test_python_app_py_help_lists_the_flags():
     assert not result.stderr
 
 
-@pytest.fixture
-def sync_playwright():
-    """Playwright's sync API with Debian's Chromium, or a skip saying which is missing."""
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("no /usr/bin/chromium (apt-get install chromium) for the browser test")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as error:
-        pytest.skip(f"playwright is not importable ({error}); pip install -r requirements-test.txt")
-    return sync_playwright
+def test_the_best_checkpoints_come_first_and_the_newest_opens(tmp_path, monkeypatch):
+    """train.py writes pretrained.pt (the best model) and pretrained.last.pt (the resume file), and so on."""
+    for age, name in enumerate(["broken.pt", "pretrained.last.pt", "pretrained.pt", "classifier.last.pt",
+                                "classifier.pt"]):
+        if name == "broken.pt":
+            (tmp_path / name).write_bytes(b"not a checkpoint")
+        else:
+            (save_classifier if name.startswith("classifier") else save_lm)(tmp_path / name)
+        os.utime(tmp_path / name, ns=(time.time_ns() - age * 10**9,) * 2)  # broken.pt is the newest
+    at = start_app(tmp_path, monkeypatch)
+    picker = at.selectbox(key="checkpoint")
+    assert picker.options == ["broken.pt · unreadable", "classifier.pt · classifier", "pretrained.pt · lm"]
+    assert picker.value == "pretrained.pt" and at.header[0].value == "Text completion"
+    at.toggle(key="show_resume_files").set_value(True).run()
+    assert at.selectbox(key="checkpoint").options[3:] == ["classifier.last.pt · classifier", "pretrained.last.pt · lm"]
+    assert at.selectbox(key="checkpoint").value == "pretrained.pt"
+    at.selectbox(key="checkpoint").select("classifier.last.pt").run()
+    assert not at.exception and at.header[0].value == "Spam detector"
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def app_server(tmp_path):
-    """`streamlit run app.py` on a free port over tiny lm and classifier checkpoints; killed afterwards."""
-    folder = tmp_path / "checkpoints"
-    save_lm(folder / "lm.pt")
-    save_classifier(folder / "spam.pt")
-    port = free_port()
-    log = open(tmp_path / "streamlit.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-         "--", "--checkpoints-dir", str(folder)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as response:
-                    if response.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "streamlit.log").read_text()
-            assert time.monotonic() < deadline, "streamlit did not answer in 30 s"
-            time.sleep(0.2)
-        yield url, folder
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
-
-
-def test_in_a_real_browser(sync_playwright, app_server, tmp_path):  # skips before the server starts
-    url, folder = app_server
-    prompt = "Every effort moves you 🙂"
-    completion = "".join(stream_text(load_checkpoint(folder / "lm.pt"), prompt, **GENERATION_DEFAULTS["lm"], seed=3))
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(20_000)
-            page.goto(url)
-            page.get_by_text("Text completion").wait_for()
-            seed = page.get_by_role("spinbutton", name="Seed")
-            seed.fill("3")
-            seed.press("Enter")
-            page.get_by_label("Prompt", exact=True).fill(prompt)
-            page.get_by_role("button", name="Generate").click()
-            output = page.locator(".st-key-output")
-            output.wait_for()
-            expected = " ".join((prompt + completion).split())
-            try:
-                page.wait_for_function(
-                    "expected => { const e = document.querySelector('.st-key-output');"
-                    " return e && e.innerText.split(/\\s+/).join(' ').trim() === expected; }",
-                    arg=expected,
-                )
-            except Exception:
-                raise AssertionError(f"expected {expected!r}, the page shows {output.inner_text()!r}")
-            page.screenshot(path=tmp_path / "app-lm.png", full_page=True)
-
-            page.get_by_label("Checkpoint").click()  # Streamlit's selectbox opens a list of options
-            page.get_by_role("option", name="spam.pt · classifier").click()
-            page.get_by_text("Spam detector").wait_for()
-            page.get_by_label("Message", exact=True).fill("Congratulations! You won a free cruise, call now")
-            page.get_by_role("button", name="Classify").click()
-            verdict = page.locator('[data-testid="stMetricValue"]').first
-            verdict.wait_for()
-            assert verdict.inner_text() == "spam"
-            page.screenshot(path=tmp_path / "app-classifier.png", full_page=True)
-            assert "Traceback" not in (tmp_path / "streamlit.log").read_text()
-            print(f"screenshots: {tmp_path / 'app-lm.png'}, {tmp_path / 'app-classifier.png'}")
-        finally:
-            browser.close()
-
+def test_resume_files_alone_are_listed_without_asking(tmp_path, monkeypatch):
+    save_lm(tmp_path / "pretrained.last.pt")
+    at = start_app(tmp_path, monkeypatch)
+    assert at.selectbox(key="checkpoint").options == ["pretrained.last.pt · lm"] and not at.toggle
+    assert at.header[0].value == "Text completion"

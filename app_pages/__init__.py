@@ -1,0 +1,1 @@
+"""Pages of the Streamlit app that app.py (the entry point) shows beside its own."""
