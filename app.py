@@ -26,7 +26,7 @@ from modules.classification import classify
 from modules.device import get_device
 from modules.errors import UserError
 from modules.generation import stream_text
-from modules.speed import use_fastest_linear_kernels
+from modules.speed import add_generation_dtype_arg, prepare_for_generation
 from modules.datasets.instructions import format_prompt
 
 # Sampling makes a small pretrained model read better; instruction tuning is judged on greedy answers,
@@ -48,6 +48,7 @@ def build_parser():
     parser.add_argument("--checkpoints-dir", default="checkpoints",
                         help="folder searched recursively for *.pt checkpoints (default: checkpoints)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    add_generation_dtype_arg(parser)
     return parser
 
 
@@ -70,10 +71,10 @@ def checkpoint_kind(path, mtime_ns):
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
-def load_model(path, mtime_ns, device):
-    """The model at `path`, loaded once per file version (mtime_ns) and device, shared by all sessions
-    (read-only: nothing changes it after this)."""
-    return use_fastest_linear_kernels(load_checkpoint(path, device=device, kinds=KINDS))
+def load_model(path, mtime_ns, device, dtype_name):
+    """The model at `path`, loaded once per file version (mtime_ns), device and dtype, shared by all
+    sessions (read-only: nothing changes it after this)."""
+    return prepare_for_generation(load_checkpoint(path, device=device, kinds=KINDS), dtype_name)
 
 
 def plain_text_as_markdown(text):
@@ -217,13 +218,14 @@ def main():
     path = pick_checkpoint(args.checkpoints_dir, names)
     try:
         device = get_device(args.device)
-        model = load_model(str(path), path.stat().st_mtime_ns, str(device))
+        model = load_model(str(path), path.stat().st_mtime_ns, str(device), args.dtype)
     except UserError as error:  # CheckpointError included: the other checkpoints stay usable
         st.error(str(error))
         return
     parameters = sum(parameter.numel() for parameter in model.parameters())
     st.header(TITLES[model.kind])
-    st.caption(f"`{path}` · {model.kind} · {parameters / 1e6:.1f}M parameters · {device}")
+    dtype = str(model.token_embedding.weight.dtype).removeprefix("torch.")
+    st.caption(f"`{path}` · {model.kind} · {parameters / 1e6:.1f}M parameters · {device} · {dtype}")
     PAGES[model.kind](model)
 
 

@@ -26,7 +26,7 @@ from modules.errors import UserError, run_main
 from modules.files import exclusive_output
 from modules.presets import Preset, parse_with_presets
 from modules.results import ResumableResults
-from modules.speed import use_fastest_linear_kernels
+from modules.speed import add_generation_dtype_arg, prepare_for_generation
 from modules.tokenizer import get_tokenizer
 
 
@@ -55,6 +55,7 @@ def parse_args():
     parser.add_argument("--out", type=Path, default=Path("evaluation/responses.json"),
                         help="the JSON list of answers to write (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    add_generation_dtype_arg(parser)
     args = parse_with_presets(parser, {"original": ORIGINAL})
     if args.num < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--num, --batch-size and --max-new-tokens must be at least 1")
@@ -111,7 +112,7 @@ def answer_test_records(model, selected, settings, args, generator):
 def main():
     args = parse_args()
     device = get_device(args.device)
-    model = use_fastest_linear_kernels(load_checkpoint(args.checkpoint, device, kinds=("instruct",)))
+    model = prepare_for_generation(load_checkpoint(args.checkpoint, device, kinds=("instruct",)), args.dtype)
     test = held_out_test_records(args.checkpoint, model.metadata, args.data)
     selected = test[:args.num]
     if args.num > len(test):
@@ -121,7 +122,8 @@ def main():
     settings = {"checkpoint": str(args.checkpoint.resolve()), "checkpoint_mtime_ns": args.checkpoint.stat().st_mtime_ns,
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_k": args.top_k if sampling else None, "top_p": args.top_p if sampling else None,
-                "seed": args.seed if sampling else None}
+                "seed": args.seed if sampling else None,
+                "dtype": str(model.token_embedding.weight.dtype).removeprefix("torch.")}
     generator = torch.Generator(device=device).manual_seed(args.seed) if sampling else None
     with exclusive_output(args.out):
         kept = answer_test_records(model, selected, settings, args, generator)

@@ -23,7 +23,7 @@ from modules.generation import stream_text
 # load_gpt2 stays importable from this script, where the original kept its loader (under other names:
 # download_and_load_gpt2_weights and load_weights_to_model, which this project does not provide).
 from modules.pretrained import BASE_URL, MODEL_SIZES, download_gpt2, load_gpt2, load_gpt2_from_hf
-from modules.speed import use_fastest_linear_kernels
+from modules.speed import add_generation_dtype_arg, prepare_for_generation
 from modules.tokenizer import END_OF_TEXT_ID
 
 
@@ -58,6 +58,7 @@ def parse_args():
     parser.add_argument("--prompt", default="Every effort moves you", help="text to continue after loading")
     parser.add_argument("--max-new-tokens", type=int, default=25, help="length of the sample (0: none)")
     parser.add_argument("--device", help="where to run the sample: cuda, mps, cpu (default: the best available)")
+    add_generation_dtype_arg(parser)
     return parser.parse_args()
 
 
@@ -82,7 +83,7 @@ def main():
     if args.save:
         save_checkpoint(args.save, model, "lm", source=str(source))
         print(f"Saved {args.save}; start other scripts from it with --init {args.save}")
-    print_sample(use_fastest_linear_kernels(model.to(device)), args.prompt, args.max_new_tokens)
+    print_sample(prepare_for_generation(model.to(device), args.dtype), args.prompt, args.max_new_tokens)
 
 
 if __name__ == "__main__":

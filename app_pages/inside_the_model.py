@@ -130,7 +130,8 @@ def next_token_table(distributions, rows):
                            "id": pd.array([None], dtype="Int64")})
     for name, probabilities in distributions.items():
         table[name] = probabilities[top].tolist()
-        others[name] = max(0.0, 1.0 - sum(table[name]))
+        # The others' own sum, not 1 minus the top's, which rounding would leave a hair above 0.
+        others[name] = probabilities.index_fill(0, torch.tensor(top), 0.0).sum().item()
     return pd.concat([table, others], ignore_index=True)
 
 

@@ -6,6 +6,7 @@ of each side in a fresh process.
     python benchmarks/bench_generation.py --size 355M --device cuda
 """
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from benchmarks.common import (  # noqa: E402
 )
 from modules.errors import run_main  # noqa: E402
 from modules.generation import generate  # noqa: E402
-from modules.speed import use_fastest_linear_kernels  # noqa: E402
+from modules.speed import auto_dtype, prepare_for_generation  # noqa: E402
 
-TARGET_SPEEDUP = 1.5  # batch 1, against transformers
+TARGET_SPEEDUP = 1.5  # float32, batch 1, against transformers
+TARGET_BF16_SPEEDUP = 2.0  # bfloat16 (where native), batch 1, against transformers in float32
+TARGET_SHARE_OF_BOUND = 0.7  # float32, batch 1
 
 
 def parse_args(argv=None):
@@ -32,6 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default: 256; 16 with --quick)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median counts (default: %(default)s)")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.prompt_tokens = args.prompt_tokens or (8 if args.quick else 64)
     args.new_tokens = args.new_tokens or (16 if args.quick else 256)
@@ -43,11 +47,12 @@ def make_prompt(config, batch_size, args, device):
     return torch.randint(0, config["vocab_size"], (batch_size, args.prompt_tokens), generator=generator).to(device)
 
 
-def generator_of(side, model):
-    """A function (prompt, new tokens) -> ids doing greedy decoding with a KV cache on `model`."""
+def generator_of(side, model, dtype_name="float32"):
+    """A function (prompt, new tokens) -> ids doing greedy decoding with a KV cache on `model`; ours is
+    prepared as the generating scripts prepare it for --dtype `dtype_name`."""
     model.eval()
     if side == "ours":
-        use_fastest_linear_kernels(model)  # as the generation entry points do
+        prepare_for_generation(model, dtype_name)
         return lambda prompt, new_tokens: generate(model, prompt, new_tokens)
     # Random weights may produce <|endoftext|>; like ours, the reference must not stop there.
     model.generation_config.eos_token_id = None
@@ -57,27 +62,35 @@ def generator_of(side, model):
 
 
 def generation_speeds(args, config, device, batch_size, sides):
-    """{side: [new tokens/s per run]} and whether both sides produced the same tokens."""
+    """({side: [new tokens/s per run]}, {side: the last run's new tokens}), the sides alternating."""
     prompt = make_prompt(config, batch_size, args, device)
     for run in sides.values():
         run(prompt, 4)  # warm-up: first calls allocate and pick kernels
     speeds, outputs = {side: [] for side in sides}, {}
     for _ in range(args.repeats):
         for side, run in sides.items():
-            seconds, outputs[side] = timed(lambda: run(prompt, args.new_tokens), device)
+            seconds, output = timed(lambda: run(prompt, args.new_tokens), device)
             speeds[side].append(batch_size * args.new_tokens / seconds)
-    return speeds, torch.equal(outputs["ours"], outputs["reference"])
+            outputs[side] = output[:, args.prompt_tokens:]
+    return speeds, outputs
 
 
-def bandwidth_row(model, speeds, device, args):
-    """At batch 1 each new token reads every weight once: tokens/s x weight bytes is the bandwidth each
-    side gets out of memory, against what the machine can read."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied head once
-    weight_bytes -= model.position_embedding.weight.nbytes  # a token reads one row of it
-    bandwidth = memory_read_bandwidth(device, megabytes=64 if args.quick else 1024)
-    return Row(f"W1 batch 1: weights read per second ({weight_bytes / 1e6:,.0f} MB a token; this machine reads "
-               f"{bandwidth / 1e9:,.1f} GB/s)", "GB/s", [speed * weight_bytes / 1e9 for speed in speeds["ours"]],
-               [speed * weight_bytes / 1e9 for speed in speeds["reference"]])
+def weight_bytes(model):
+    """The bytes of weights a generated token reads: all, the tied head once, one row of the positions."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - model.position_embedding.weight.nbytes
+
+
+def bound_row(label, model, speeds, bandwidth, target=None):
+    """At batch 1 each new token reads every weight once, so memory bounds the speed at bandwidth / weight
+    bytes tokens per second: the share of that bound each side reaches."""
+    bound = bandwidth / weight_bytes(model)
+    row = Row(f"W1 batch 1, {label}: share of the memory bound ({weight_bytes(model) / 1e6:,.0f} MB a token at "
+              f"{bandwidth / 1e9:,.1f} GB/s: {bound:,.1f} tokens/s)", "%",
+              [100 * speed / bound for speed in speeds["ours"]],
+              [100 * speed / bound for speed in speeds.get("reference", [])])
+    if target:
+        row.target, row.met = f">= {target:.0%} (ours)", row.median(row.ours) >= 100 * target
+    return row
 
 
 def worker(args):
@@ -85,12 +98,13 @@ def worker(args):
     device = setup(args)
     config = benchmark_config(args)
     model = one_side_model(args.worker, config, args.seed, device)
-    generator_of(args.worker, model)(make_prompt(config, 1, args, device), args.new_tokens)
+    generator_of(args.worker, model, args.worker_dtype)(make_prompt(config, 1, args, device), args.new_tokens)
     report_from_worker({"peak_memory": peak_memory_bytes(device)})
 
 
 def run(args):
-    """The result rows of W1."""
+    """The result rows of W1: float32 against transformers, and where the machine computes bfloat16
+    natively (what --dtype auto picks), bfloat16 against transformers in float32."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -98,23 +112,41 @@ def run(args):
     config = benchmark_config(args)
     ours, reference = model_pair(config, args.seed, device)
     sides = {"reference": generator_of("reference", reference), "ours": generator_of("ours", ours)}
+    low_precision = str(auto_dtype(device)).removeprefix("torch.")
+    if low_precision != "float32":
+        ours_low = copy.deepcopy(ours)
+        sides["ours_low"] = generator_of("ours", ours_low, low_precision)
+    bandwidth = memory_read_bandwidth(device, megabytes=64 if args.quick else 1024)
     shape = f"{args.prompt_tokens}+{args.new_tokens} tokens"
     rows = []
     for batch_size in args.batch_sizes:
-        speeds, identical = generation_speeds(args, config, device, batch_size, sides)
-        row = Row(f"W1 generation, batch {batch_size}, {shape}, greedy tokens {'identical' if identical else 'DIFFER'}",
-                  "new tokens/s", speeds["ours"], speeds["reference"])
+        speeds, outputs = generation_speeds(args, config, device, batch_size, sides)
+        identical = torch.equal(outputs["ours"], outputs["reference"])
+        row = Row(f"W1 generation, float32, batch {batch_size}, {shape}, greedy tokens "
+                  f"{'identical' if identical else 'DIFFER'}", "new tokens/s", speeds["ours"], speeds["reference"])
         rows.append(row)
         if batch_size == 1:
-            row.target = f">= {TARGET_SPEEDUP}x, identical tokens"
-            row.met = identical and row.ratio >= TARGET_SPEEDUP
-            rows.append(bandwidth_row(ours, speeds, device, args))
-    ours_memory, reference_memory = (
-        result["peak_memory"] / 2**20 for result in run_workers(
-            "bench_generation.py", [["--worker", side, *worker_flags(args)] for side in ("ours", "reference")],
-            parallel=args.quick))
-    rows.append(Row(f"W1 peak memory, batch 1, {shape} (fresh process)", "MiB", [ours_memory], [reference_memory],
-                    digits=0))
+            row.target, row.met = f">= {TARGET_SPEEDUP}x, identical tokens", identical and row.ratio >= TARGET_SPEEDUP
+            rows.append(bound_row("float32", ours, speeds, bandwidth, TARGET_SHARE_OF_BOUND))
+        if "ours_low" in sides:
+            same = (outputs["ours_low"] == outputs["ours"]).float().mean().item()
+            low_row = Row(f"W1 generation, {low_precision} (--dtype auto) against transformers' float32, batch "
+                          f"{batch_size}; greedy tokens {same:.0%} identical to our float32's", "new tokens/s",
+                          speeds["ours_low"], speeds["reference"])
+            rows.append(low_row)
+            if batch_size == 1:
+                low_row.target, low_row.met = f">= {TARGET_BF16_SPEEDUP}x", low_row.ratio >= TARGET_BF16_SPEEDUP
+                rows.append(bound_row(low_precision, ours_low, {"ours": speeds["ours_low"]}, bandwidth))
+    dtypes = {"ours": "float32", "reference": "float32", **({"ours_low": low_precision} if "ours_low" in sides else {})}
+    memory = run_workers("bench_generation.py", [["--worker", side.removesuffix("_low"), "--worker-dtype", dtype,
+                                                  *worker_flags(args)] for side, dtype in dtypes.items()],
+                         parallel=args.quick)
+    peaks = {side: result["peak_memory"] / 2**20 for side, result in zip(dtypes, memory)}
+    rows.append(Row(f"W1 peak memory, float32, batch 1, {shape} (fresh process)", "MiB", [peaks["ours"]],
+                    [peaks["reference"]], digits=0))
+    if "ours_low" in peaks:
+        rows.append(Row(f"W1 peak memory, {low_precision}, batch 1 (fresh process), against transformers' float32",
+                        "MiB", [peaks["ours_low"]], [peaks["reference"]], digits=0))
     return rows
 
 

@@ -1,7 +1,9 @@
 """W2, training: tokens per second of full training steps (forward, next-token cross-entropy, backward,
-AdamW step), ours against transformers' GPT2LMHeadModel on the same weights, batch and optimizer, in
-one process, alternating step by step; model FLOPs utilisation against an fp32 matmul this script
-times on the same threads; then the peak memory of each side in a fresh process.
+AdamW step), ours against transformers' GPT2LMHeadModel on the same weights, batch and optimizer in
+float32, and, where the machine computes bfloat16 natively (what --dtype auto picks), ours under bfloat16
+autocast against ours in float32; in one process, alternating step by step. Model FLOPs utilisation
+against a matmul of the dtype the step ran in, timed by this script on the same threads; then the peak
+memory of each side in a fresh process.
 
 On the CPU, our training loop makes glibc keep freed memory (modules.speed.keep_freed_memory). That is
 process-wide, so in the speed run it serves the reference as well; its fresh memory process runs
@@ -17,6 +19,7 @@ pass; 12 L T d is attention's two products (queries x keys, weights x values) ov
 forward and backward.
 """
 import argparse
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -32,9 +35,12 @@ from benchmarks.common import (  # noqa: E402
 )
 from modules.speed import keep_freed_memory  # noqa: E402
 from modules.errors import run_main  # noqa: E402
+from modules.speed import auto_dtype  # noqa: E402
 from modules.training.optimizer import make_optimizer  # noqa: E402
+from modules.training.schedule import autocast_context  # noqa: E402
 
-TARGET_MFU = 0.85
+TARGET_MFU = 0.85  # float32
+TARGET_LOW_PRECISION_SPEEDUP = 2.0  # bfloat16 autocast against float32, where bfloat16 is native
 
 
 def parse_args(argv=None):
@@ -49,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile our model (as train.py --compile does); the reference stays eager")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (32 if args.quick else 256)
     args.steps = args.steps or (2 if args.quick else 8)
@@ -71,35 +78,42 @@ def make_batch(config, args, device):
 
 
 def next_token_loss(model, inputs, targets):
-    """Cross-entropy of the next tokens, computed alike for both sides. The logits (411 MB for GPT-2 at
-    8 x 256 tokens) die when this returns, before the backward pass, as in the training loop."""
+    """Cross-entropy of the next tokens in float32, computed alike for both sides. The logits (411 MB for
+    GPT-2 at 8 x 256 tokens) die when this returns, before the backward pass, as in the training loop."""
     logits = model(inputs)
     logits = getattr(logits, "logits", logits)  # transformers returns an output object
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def training_step(model, optimizer, inputs, targets):
-    next_token_loss(model, inputs, targets).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def make_step(model, device, inputs, targets):
-    """A function running one training step of `model` with its own optimizer, as train.py builds it."""
+def make_step(model, device, inputs, targets, dtype_name="float32"):
+    """A function running one training step of `model` with its own optimizer, as train.py builds it, its
+    forward pass under the autocast of --dtype `dtype_name`."""
     model.train()
     optimizer = make_optimizer(model, lr=3e-4, weight_decay=0.1, device=device)
-    return lambda: training_step(model, optimizer, inputs, targets)
+    autocast, _ = autocast_context(dtype_name, device)
+
+    def step():
+        with autocast:
+            loss = next_token_loss(model, inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
-def training_speeds(args, config, device):
-    """{side: [tokens/s per timed step]}, the sides alternating step by step."""
+def training_speeds(args, config, device, low_precision):
+    """{side: [tokens/s per timed step]}, the sides alternating step by step: transformers and ours in
+    float32, and ours in `low_precision` (None: not measured)."""
     if device.type == "cpu":
         keep_freed_memory()  # as the Trainer does
     ours, reference = model_pair(config, args.seed, device)
+    ours_low = copy.deepcopy(ours) if low_precision else None
     if args.compile:
         ours = torch.compile(ours)  # shares the parameters of the model it wraps
     inputs, targets = make_batch(config, args, device)
     steps = {"reference": make_step(reference, device, inputs, targets), "ours": make_step(ours, device, inputs, targets)}
+    if low_precision:
+        steps["ours_low"] = make_step(ours_low, device, inputs, targets, low_precision)
     speeds = {side: [] for side in steps}
     for step_index in range(args.warmup_steps + args.steps):
         for side, step in steps.items():
@@ -118,39 +132,62 @@ def worker(args):
     model = one_side_model(args.worker, config, args.seed, device)
     if args.worker == "ours" and args.compile:
         model = torch.compile(model)
-    step = make_step(model, device, *make_batch(config, args, device))
+    step = make_step(model, device, *make_batch(config, args, device), args.worker_dtype)
     for _ in range(args.memory_steps):
         step()
     report_from_worker({"peak_memory": peak_memory_bytes(device)})
 
 
+def matmul_peaks(device, size, dtypes):
+    """{dtype: FLOP/s of a size x size matmul}, the median of a measurement before and after the others."""
+    return {dtype: statistics.median([matmul_peak_flops(device, size, dtype=dtype), matmul_peak_flops(device, size, dtype=dtype)])
+            for dtype in dtypes}
+
+
 def run(args):
-    """The result rows of W2."""
+    """The result rows of W2: ours against transformers in float32, and where the machine computes bfloat16
+    natively (what --dtype auto picks), our bfloat16 autocast against our float32."""
     device = setup(args)
     config = benchmark_config(args)
+    low = auto_dtype(device)
+    low_precision = None if low == torch.float32 else str(low).removeprefix("torch.")
     matmul_size = 512 if args.quick else 4096
-    peaks = [matmul_peak_flops(device, matmul_size)]
-    speeds = training_speeds(args, config, device)
-    peaks.append(matmul_peak_flops(device, matmul_size))  # before and after, in case the machine got busier
-    peak = statistics.median(peaks)
+    speeds = training_speeds(args, config, device, low_precision)
+    peaks = matmul_peaks(device, matmul_size, [torch.float32] + ([low] if low_precision else []))
     flops = flops_per_token(config, args.tokens)
     shape = f"batch {args.batch_size} x {args.tokens} tokens"
     shape += ", ours compiled" if args.compile else ""
-    speed_row = Row(f"W2 training step, {shape}", "tokens/s", speeds["ours"], speeds["reference"], target=">= 1.0x")
-    speed_row.met = speed_row.ratio >= 1.0
-    utilisation = {side: [100 * speed * flops / peak for speed in values] for side, values in speeds.items()}
-    mfu_row = Row(f"W2 model FLOPs utilisation ({flops / 1e6:,.0f} MFLOP/token; fp32 matmul peak "
-                  f"{peak / 1e9:,.1f} GFLOP/s)", "%", utilisation["ours"], utilisation["reference"],
-                  target=f">= {TARGET_MFU:.0%} (ours)")
-    mfu_row.met = mfu_row.median(mfu_row.ours) >= 100 * TARGET_MFU
-    ours_memory, reference_memory = (
-        result["peak_memory"] / 2**20 for result in run_workers(
-            "bench_training.py", [["--worker", side, *worker_flags(args)] for side in ("ours", "reference")],
-            parallel=args.quick))
-    memory_row = Row(f"W2 peak memory, {shape} (fresh process)", "MiB", [ours_memory], [reference_memory],
-                     target="<= 1.0x", digits=0)
-    memory_row.met = memory_row.ratio <= 1.0
-    return [speed_row, mfu_row, memory_row]
+    rows = [Row(f"W2 training step, float32, {shape}", "tokens/s", speeds["ours"], speeds["reference"],
+                target=">= 1.0x")]
+    rows[0].met = rows[0].ratio >= 1.0
+    rows.append(mfu_row("float32", flops, peaks[torch.float32], speeds["ours"], speeds["reference"], TARGET_MFU))
+    if low_precision:
+        low_row = Row(f"W2 training step, {low_precision} autocast (--dtype auto) against our float32, {shape}",
+                      "tokens/s", speeds["ours_low"], speeds["ours"], target=f">= {TARGET_LOW_PRECISION_SPEEDUP}x")
+        low_row.met = low_row.ratio >= TARGET_LOW_PRECISION_SPEEDUP
+        rows += [low_row, mfu_row(low_precision, flops, peaks[low], speeds["ours_low"], [])]
+    sides = {"ours": "float32", "reference": "float32", **({"ours_low": low_precision} if low_precision else {})}
+    memory = run_workers("bench_training.py", [["--worker", side.removesuffix("_low"), "--worker-dtype", dtype,
+                                                *worker_flags(args)] for side, dtype in sides.items()],
+                         parallel=args.quick)
+    peak_memory = {side: result["peak_memory"] / 2**20 for side, result in zip(sides, memory)}
+    rows.append(Row(f"W2 peak memory, float32, {shape} (fresh process)", "MiB", [peak_memory["ours"]],
+                    [peak_memory["reference"]], target="<= 1.0x", digits=0))
+    rows[-1].met = rows[-1].ratio <= 1.0
+    if low_precision:
+        rows.append(Row(f"W2 peak memory, {low_precision} autocast, against transformers' float32 (fresh process)",
+                        "MiB", [peak_memory["ours_low"]], [peak_memory["reference"]], digits=0))
+    return rows
+
+
+def mfu_row(dtype_name, flops, peak, ours, reference, target=None):
+    """Model FLOPs utilisation: tokens/s x FLOPs per token against the matmul peak of the dtype it ran in."""
+    row = Row(f"W2 model FLOPs utilisation, {dtype_name} ({flops / 1e6:,.0f} MFLOP/token; {dtype_name} matmul peak "
+              f"{peak / 1e9:,.1f} GFLOP/s)", "%", [100 * speed * flops / peak for speed in ours],
+              [100 * speed * flops / peak for speed in reference])
+    if target:
+        row.target, row.met = f">= {target:.0%} (ours)", row.median(row.ours) >= 100 * target
+    return row
 
 
 def worker_flags(args):

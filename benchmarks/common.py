@@ -197,11 +197,16 @@ class BackgroundLoad:
 
 
 def memory_read_bandwidth(device, megabytes=1024, repeats=5):
-    """Bytes/s at which the device reads memory: summing a tensor far larger than any cache. A model
-    whose every step reads all its weights (generation) can go no faster than this."""
-    values = torch.ones(megabytes * 2**20 // 4, device=device)
-    timed(values.sum, device)  # warm-up
-    return values.numel() * 4 / statistics.median(timed(values.sum, device)[0] for _ in range(repeats))
+    """Bytes/s at which the device reads memory: the faster of two reads of a tensor far larger than any
+    cache, a sum and a matrix-vector product (how generation reads its weights). A model whose every step
+    reads all its weights (generation at batch 1) can go no faster than this allows."""
+    matrix = torch.ones(megabytes * 2**20 // 4 // 1024, 1024, device=device)
+    vector = torch.ones(1024, device=device)
+    seconds = []
+    for read in (matrix.sum, lambda: matrix @ vector):
+        timed(read, device)  # warm-up
+        seconds.append(statistics.median(timed(read, device)[0] for _ in range(repeats)))
+    return matrix.numel() * 4 / min(seconds)
 
 
 # ----------------------------------------------------------------------------- worker processes

@@ -38,7 +38,7 @@ def main():
             script = WORKLOADS[name]
             rows += script.run(script.parse_args(common_flags(args)))
     size = "quick (tiny model)" if args.quick else f"GPT-2 {args.size}"
-    print(f"\n{size}, fp32, {machine_description(device, args.threads)}; {time.perf_counter() - start:.0f} s. "
+    print(f"\n{size}, {machine_description(device, args.threads)}; {time.perf_counter() - start:.0f} s. "
           f"{load.describe()} Reference: transformers' GPT2LMHeadModel (W1, W2), the original project's loader (W3).\n")
     print(markdown_table(rows), flush=True)
 

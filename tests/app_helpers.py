@@ -12,7 +12,8 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from modules import GPTModel, GPT_CONFIGS
-from modules.checkpoint import save_checkpoint
+from modules.checkpoint import load_checkpoint, save_checkpoint
+from modules.speed import prepare_for_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 1, "context_size": 64}
@@ -35,9 +36,21 @@ def save_classifier(path):
     save_checkpoint(path, model, "classifier", label_names=["ham", "spam"], max_length=32)
 
 
-def start_app(folder, monkeypatch):
-    """The app as `streamlit run app.py -- --checkpoints-dir folder` starts it (AppTest runs it in this process)."""
-    monkeypatch.setattr(sys, "argv", ["app.py", "--checkpoints-dir", str(folder)])
+# The tests compare what the app shows with what the model computes in float32; the default, bfloat16
+# where the machine computes it natively, has a test of its own.
+EXACT = ("--dtype", "float32")
+
+
+def app_model(path):
+    """The model at `path` as the app started with EXACT runs it: in this process the same kernels are
+    measured fastest, so the two compute the same numbers."""
+    return prepare_for_generation(load_checkpoint(path), EXACT[1])
+
+
+def start_app(folder, monkeypatch, flags=EXACT):
+    """The app as `streamlit run app.py -- --checkpoints-dir folder FLAGS` starts it (AppTest runs it in this
+    process)."""
+    monkeypatch.setattr(sys, "argv", ["app.py", "--checkpoints-dir", str(folder), *flags])
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
     return at
@@ -61,7 +74,7 @@ def served_app(folder, log_path):
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
              "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-             "--", "--checkpoints-dir", folder.name],
+             "--", "--checkpoints-dir", folder.name, *EXACT],
             cwd=folder.parent, stdout=log, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"

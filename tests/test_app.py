@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from app import find_checkpoints, plain_text_as_markdown
-from modules.checkpoint import load_checkpoint
 from modules.classification import classify
 from modules.generation import stream_text
+from modules.speed import auto_dtype
 from modules.datasets.instructions import format_prompt
-from tests.app_helpers import ROOT, save_classifier, save_lm, start_app
+from tests.app_helpers import app_model, ROOT, save_classifier, save_lm, start_app
 
 
 def output_text(at):
@@ -53,7 +53,7 @@ def test_lm_streams_the_completion_of_a_long_non_ascii_prompt(tmp_path, monkeypa
     at.text_area[0].input(prompt)
     at.button[0].click().run()
     assert not at.exception and not at.warning
-    model = load_checkpoint(tmp_path / "lm.pt")
+    model = app_model(tmp_path / "lm.pt")
     # The sidebar's defaults (temperature 0.8, top-k 50) and the seed reach stream_text.
     completion = "".join(stream_text(model, prompt, 15, temperature=0.8, top_k=50, seed=7))
     assert completion and output_text(at) == plain_text_as_markdown(prompt + completion)
@@ -71,7 +71,7 @@ def test_instruct_answers_in_the_alpaca_format_and_stops_at_end_of_text(tmp_path
     entry = {"instruction": "Name a colour 🎨.", "input": ""}
     assert at.expander[0].text[0].value == format_prompt(entry).rstrip()  # st.text drops the final newline
     assert "### Input" not in format_prompt(entry)
-    model = load_checkpoint(tmp_path / "instruct.pt")
+    model = app_model(tmp_path / "instruct.pt")
     answer = "".join(stream_text(model, format_prompt(entry), 12))  # greedy by default; stops at <|endoftext|>
     assert output_text(at) == plain_text_as_markdown(answer).strip()  # st.markdown strips the ends
 
@@ -84,7 +84,7 @@ def test_classifier_shows_the_label_and_its_probability(tmp_path, monkeypatch):
     at.text_area[0].input(message)
     at.button[0].click().run()
     assert not at.exception
-    label, probability = classify(load_checkpoint(tmp_path / "spam.pt"), message)
+    label, probability = classify(app_model(tmp_path / "spam.pt"), message)
     assert label == "spam"
     assert [metric.value for metric in at.metric] == [label, f"{probability:.1%}"]
 
@@ -139,7 +139,7 @@ def test_a_retrained_checkpoint_is_reloaded(tmp_path, monkeypatch):
     at.button[0].click().run()
     second = output_text(at)
     assert first != second
-    assert second == plain_text_as_markdown("The" + "".join(stream_text(load_checkpoint(path), "The", 8)))
+    assert second == plain_text_as_markdown("The" + "".join(stream_text(app_model(path), "The", 8)))
 
 
 def test_python_app_py_help_lists_the_flags():
@@ -173,3 +173,12 @@ def test_resume_files_alone_are_listed_without_asking(tmp_path, monkeypatch):
     at = start_app(tmp_path, monkeypatch)
     assert at.selectbox(key="checkpoint").options == ["pretrained.last.pt · lm"] and not at.toggle
     assert at.header[0].value == "Text completion"
+
+
+def test_the_default_precision_is_the_machines_native_one(tmp_path, monkeypatch):
+    save_lm(tmp_path / "lm.pt")
+    at = start_app(tmp_path, monkeypatch, flags=())
+    expected = str(auto_dtype("cpu")).removeprefix("torch.")
+    assert at.caption[0].value.endswith(f"· cpu · {expected}")
+    at.button[0].click().run()
+    assert not at.exception and len(output_text(at)) > len("Every effort moves you")

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from modules import GPTModel
-from modules.checkpoint import load_checkpoint, save_checkpoint
+from modules.checkpoint import save_checkpoint
 from modules.classification import classify
 from modules.datasets.instructions import format_prompt
 from modules.generation import pick_next_token, sampling_logits
 from modules.inspection import inspect_prompt, prompt_token_ids
-from tests.app_helpers import CONFIG, save_classifier, save_lm, start_app
+from tests.app_helpers import app_model, CONFIG, save_classifier, save_lm, start_app
 
 PROMPT = "Every effort moves you"
 DISTRIBUTIONS = ["model", "after temperature", "sampled from"]
@@ -40,7 +40,7 @@ def chart_data(at, index):
 
 
 def inspection_of(path, text):
-    model = load_checkpoint(path)
+    model = app_model(path)
     return inspect_prompt(model, prompt_token_ids(text, model.config["context_size"]))
 
 
@@ -69,7 +69,7 @@ def test_the_next_token_survivors_are_generations_own(lm_tab, temperature, top_k
     at.slider(key="lm_top_p").set_value(top_p).run()
     table = at.dataframe[1].value
     for column in DISTRIBUTIONS:
-        assert table[column].sum() == pytest.approx(1.0, abs=1e-6)
+        assert table[column].sum() == pytest.approx(1.0, abs=1e-5)  # float32 over 50,257 tokens
     expected = sampling_logits(inspection.logits[-1:], temperature, top_k or None, top_p if top_p < 1 else None)[0]
     survivors = set(expected.isfinite().nonzero().flatten().tolist())
     top, others = table[:-1], table.iloc[-1]
@@ -146,7 +146,7 @@ def test_the_classifier_shows_its_labels_and_where_the_last_token_looks(tmp_path
     at.text_area[0].input(message)
     open_tab(at, "classifier")
     labels = chart_data(at, 0)
-    label, probability = classify(load_checkpoint(tmp_path / "spam.pt"), message)
+    label, probability = classify(app_model(tmp_path / "spam.pt"), message)
     assert labels["label"].tolist() == ["ham", "spam"] and labels["probability"].sum() == pytest.approx(1.0)
     assert labels.set_index("label")["probability"][label] == pytest.approx(probability, abs=1e-5)
     inspection = inspection_of(tmp_path / "spam.pt", message)

@@ -46,7 +46,7 @@ def test_fine_tuning_writes_an_instruct_checkpoint_that_records_its_split(tuned)
     assert model.metadata["max_length"] == 96
     assert "48 training, 6 validation and 6 test records" in tuned["log"]
     _, val, _ = split_instruction_data(tuned["records"], 123)
-    assert f"sample: '{val[0]['instruction']} => " in tuned["log"]  # the greedy answer to the first validation record
+    assert f"sample:\n    {val[0]['instruction']} => " in tuned["log"]  # the greedy answer to the first validation record
 
     metrics = json.loads(tuned["out"].with_suffix(".metrics.json").read_text())
     assert metrics["steps"] == 30 and len(metrics["evaluations"]) == 2

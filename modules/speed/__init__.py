@@ -17,6 +17,16 @@ from .memory import keep_freed_memory
 from .precision import auto_dtype, describe_precision, resolve_dtype
 
 
+GENERATION_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def add_generation_dtype_arg(parser):
+    """The --dtype flag of the scripts that generate; its value goes to prepare_for_generation."""
+    parser.add_argument("--dtype", choices=GENERATION_DTYPES, default="auto",
+                        help="precision of the weights while generating: auto is bfloat16 where the GPU or CPU "
+                             "computes it natively (AMX, AVX512-BF16), else float32 (default: %(default)s)")
+
+
 def prepare_for_generation(model, dtype_name="auto"):
     """The model as the generating code paths run it (the app, evaluate_responses.py, get_gpt_weights.py's
     sample, the benchmarks): its weights in the dtype --dtype `dtype_name` stands for (auto: bfloat16 where
@@ -26,5 +36,5 @@ def prepare_for_generation(model, dtype_name="auto"):
     return use_fastest_linear_kernels(model.to(dtype))
 
 
-__all__ = ["auto_dtype", "describe_precision", "empty_model", "keep_freed_memory", "model_from_state_dict",
+__all__ = ["GENERATION_DTYPES", "add_generation_dtype_arg", "auto_dtype", "describe_precision", "empty_model", "keep_freed_memory", "model_from_state_dict",
            "prepare_for_generation", "resolve_dtype", "use_fastest_linear_kernels"]
