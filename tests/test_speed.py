@@ -109,3 +109,29 @@ def test_optimizer_steps_like_plain_adamw():
             opt.zero_grad()
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_the_loss_is_compiled_only_where_it_pays(monkeypatch):
+    from modules.loss import next_token_loss
+    from modules.speed import compilation
+
+    logits, targets = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    assert compilation.fastest_loss(next_token_loss, logits, targets) is next_token_loss  # too quick to pay
+
+    monkeypatch.setattr(compilation, "MIN_EAGER_SECONDS", 0.0)
+    def slow_loss(logits, targets):
+        time.sleep(0.01)
+        return next_token_loss(logits, targets)
+
+    monkeypatch.setattr(compilation.torch, "compile", lambda function: next_token_loss)  # "compiled": faster
+    assert compilation.fastest_loss(slow_loss, logits, targets) is next_token_loss
+    monkeypatch.setattr(compilation.torch, "compile", lambda function: slow_loss)  # "compiled": no faster
+    assert compilation.fastest_loss(next_token_loss, logits, targets) is next_token_loss
+
+    def no_compiler(function):
+        def fails(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(compilation.torch, "compile", no_compiler)
+    assert compilation.fastest_loss(slow_loss, logits, targets) is slow_loss

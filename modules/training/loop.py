@@ -210,6 +210,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- run
     def run(self):
+        self.model.eval()
+        with self.autocast:
+            self.task.choose_loss_function(self.model, self._batch(self.task.train_set, self.batches.micro_batches(0)[0]))
         self.training_model.train()
         if self.settings.max_time and self.progress.planned_steps is None:
             self.progress.planned_steps = plan_steps(self, self.settings.max_time)

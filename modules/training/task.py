@@ -1,7 +1,9 @@
 """TrainingTask: what a script trains, in the terms the training loop needs."""
+import torch
 from torch.utils.data import default_collate
 
 from ..loss import next_token_loss
+from ..speed import fastest_loss
 
 
 class TrainingTask:
@@ -9,6 +11,7 @@ class TrainingTask:
 
     kind = "lm"  # the checkpoint's kind
     metric_names = ("loss",)  # what metrics() returns; every process must know them, even one with no batch
+    loss_function = staticmethod(next_token_loss)  # (logits, targets) -> mean loss
 
     def __init__(self, train_set, val_set):
         self.train_set = train_set
@@ -21,7 +24,15 @@ class TrainingTask:
 
     def loss(self, model, batch):
         """Mean loss of a batch (what is minimised)."""
-        return next_token_loss(model(batch["input_ids"]), batch["targets"])
+        return self.loss_function(model(batch["input_ids"]), batch["targets"])
+
+    def choose_loss_function(self, model, batch):
+        """Before training: keep next_token_loss or its compiled form, whichever is faster here for the
+        logits of a batch like `batch` (modules/speed/compilation.py). Called under the run's autocast,
+        with the model in eval mode (no dropout: the random generators must not move)."""
+        with torch.no_grad():
+            logits = model(batch["input_ids"])
+        self.loss_function = fastest_loss(self.loss_function, logits, batch["targets"])
 
     def metrics(self, model, batch):
         """{name: (sum, count)} of a batch for evaluation; averaged over all evaluated batches."""
