@@ -64,8 +64,6 @@ def parse_args(argv=None):
     add_init_args(parser, init="scratch")
     parser.add_argument("--context-size", type=int, default=None,
                         help="tokens per training window (default and maximum: the model's context size)")
-    parser.add_argument("--train-stride", type=int, default=None,
-                        help="a training window starts every N tokens (default: the window's size, no overlap)")
     sampling = parser.add_argument_group("the sample shown at each evaluation")
     sampling.add_argument("--sample-prompt", default="\n", help="its prompt (default: a new line, where a play's next "
                                                                  "speaker or stage direction starts)")
@@ -94,8 +92,7 @@ def main(argv=None):
         context_size = args.context_size or model.config["context_size"]
         check_flag("context_size", context_size, lambda size: 1 < size <= model.config["context_size"],
                    f"between 2 and the model's {model.config['context_size']}")
-        train_set, val_set = train_val_windows(load_tokens(args.data), context_size, args.val_fraction, args.data,
-                                               args.train_stride)
+        train_set, val_set = train_val_windows(load_tokens(args.data), context_size, args.val_fraction, args.data)
         if process.is_main:
             print(f"{len(train_set):,} training and {len(val_set):,} validation windows of {context_size} tokens; "
                   f"{parameter_summary(model)} on {process.device}")
