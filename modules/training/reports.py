@@ -35,6 +35,7 @@ def plot_training(path, step_losses, evaluations):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     extra = sorted({key[4:] for record in evaluations for key in record if key.startswith("val_")} - {"loss", "bpb"})
     figure, axes = plt.subplots(1, 1 + len(extra), figsize=(6 * (1 + len(extra)), 4), squeeze=False)
@@ -47,6 +48,7 @@ def plot_training(path, step_losses, evaluations):
         if points:
             loss_axis.plot(*zip(*points), marker="o", label=f"{'training' if split == 'train' else 'validation'} loss (evaluation)")
     loss_axis.set(xlabel="tokens seen", ylabel="loss (nats per token)", title="loss")
+    loss_axis.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 200k, not 200000
     loss_axis.legend()
     if evaluations and "val_bpb" in evaluations[-1]:
         # Bits per byte are the loss times a constant of the text (bytes per token, ln 2), so one axis
