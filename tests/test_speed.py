@@ -14,8 +14,11 @@ from modules.speed import kernels
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 32}
 
 
-@pytest.mark.parametrize("winner", ["pytorch_linear", "onednn_linear", "onednn_packed_linear", "pytorch_matrix_vector"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, winner", [
+    (dtype, winner) for dtype in (torch.float32, torch.bfloat16)
+    for winner in ("pytorch_linear", "onednn_linear", "onednn_packed_linear", "pytorch_matrix_vector")
+    if winner != "onednn_packed_linear" or dtype != torch.float32  # a packed copy is for other dtypes only
+])
 def test_measured_kernels_give_the_plain_logits_and_tokens(monkeypatch, winner, dtype):
     if not kernels.ONEDNN_AVAILABLE:
         pytest.skip("this PyTorch build has no oneDNN")
@@ -63,6 +66,13 @@ def test_a_product_too_long_to_measure_keeps_the_default(monkeypatch):
     monkeypatch.setattr(kernels, "MAX_MEASURED_SECONDS", 0.0)
     default, other = (lambda layer, x: x), (lambda layer, x: 1 / 0)
     assert kernels._measure(torch.nn.Linear(4, 4), torch.randn(1, 4), (default, other)) is default
+
+
+def test_float32_weights_get_no_packed_copy():
+    # The copy would double the weights' memory to skip a conversion that float32 weights never need.
+    for rows in (1, 64):
+        assert kernels.onednn_packed_linear not in kernels.candidate_kernels(torch.empty(4, 4), rows)
+        assert kernels.onednn_packed_linear in kernels.candidate_kernels(torch.empty(4, 4, dtype=torch.bfloat16), rows)
 
 
 def test_training_never_takes_the_inference_kernel(monkeypatch):

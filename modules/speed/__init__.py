@@ -10,9 +10,10 @@ was measured, and is taken on a machine only where it is faster there:
   (the generation entry points);
 - memory: glibc keeps freed memory for reuse (the training loop, on the CPU);
 - precision: bfloat16 where the machine computes it natively (--dtype auto: training and generation);
-- compilation: torch.compile's fusion of the training loss, where measured faster (the training loop).
+- compilation: torch.compile's fusion of the training loss, where measured faster, and of the whole model
+  with --compile (the training loop).
 """
-from .compilation import fastest_loss
+from .compilation import compiled_model, fastest_loss
 from .construction import empty_model, model_from_state_dict
 from .kernels import use_fastest_linear_kernels
 from .memory import keep_freed_memory
@@ -38,5 +39,6 @@ def prepare_for_generation(model, dtype_name="auto"):
     return use_fastest_linear_kernels(model.to(dtype))
 
 
-__all__ = ["GENERATION_DTYPES", "add_generation_dtype_arg", "auto_dtype", "describe_precision", "empty_model", "fastest_loss", "keep_freed_memory", "model_from_state_dict",
-           "prepare_for_generation", "resolve_dtype", "use_fastest_linear_kernels"]
+__all__ = ["GENERATION_DTYPES", "add_generation_dtype_arg", "auto_dtype", "compiled_model", "describe_precision",
+           "empty_model", "fastest_loss", "keep_freed_memory", "model_from_state_dict", "prepare_for_generation",
+           "resolve_dtype", "use_fastest_linear_kernels"]

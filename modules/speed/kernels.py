@@ -11,6 +11,11 @@ fastest depends on the CPU and the dtype (2 cores each, GPT-2 124M, batch 1):
   as torch.compile's freezing does) took 113 us for 768 x 2304 against 181 for PyTorch's default, which
   converts the weights at every call; generation ran at 18 instead of 23.5 ms per token.
 
+The packed copy doubles the memory of the weights, and it is there to skip a conversion that float32
+weights never need, so it is measured for other dtypes only. (In float32 on the Xeon it won only for the
+prompt's rows, which run once per generation, and raised the peak memory of generating with GPT-2 124M
+from 847 to 1,104 MiB.)
+
 So nothing is assumed: the first time a weight shape meets a number of rows (rounded up to a power of
 two), each kernel runs a few times on that input and the fastest is kept for the rest of the process. A
 product that takes longer than MAX_MEASURED_SECONDS is computing, not streaming, and keeps PyTorch's
@@ -59,8 +64,14 @@ def pytorch_matrix_vector(layer, x):
     return product.view(*x.shape[:-1], -1)
 
 
-KERNELS = (pytorch_linear, onednn_linear, onednn_packed_linear)  # the first is the default
-ONE_ROW_KERNELS = (*KERNELS, pytorch_matrix_vector)
+def candidate_kernels(weight, rows):
+    """The kernels worth measuring for this weight and number of rows; the first is the default."""
+    kernels = [pytorch_linear, onednn_linear]
+    if weight.dtype != torch.float32:
+        kernels.append(onednn_packed_linear)
+    if rows == 1:
+        kernels.append(pytorch_matrix_vector)
+    return kernels
 
 
 class MeasuredLinear(nn.Linear):
@@ -91,7 +102,7 @@ def fastest_kernel(layer, x):
     kernel = _fastest.get(key)
     if kernel is None:
         with _measuring:  # one measurement at a time: two at once would slow each other down
-            kernel = _fastest.get(key) or _measure(layer, x, ONE_ROW_KERNELS if rows == 1 else KERNELS)
+            kernel = _fastest.get(key) or _measure(layer, x, candidate_kernels(weight, rows))
             _fastest[key] = kernel
     if kernel is not onednn_packed_linear and "_packed" in layer.__dict__:
         del layer._packed, layer._packed_version  # measuring made a copy that is not needed

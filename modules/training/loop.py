@@ -19,7 +19,7 @@ from ..checkpoint import read_checkpoint, save_checkpoint
 from ..errors import UserError
 from ..files import exclusive_output
 from ..lora import merge_lora
-from ..speed import describe_precision, keep_freed_memory
+from ..speed import compiled_model, describe_precision, keep_freed_memory
 from .batches import BatchPlan
 from .interrupt import StopRequest
 from .optimizer import make_optimizer
@@ -64,7 +64,7 @@ class Trainer:
             if self.progress.step >= (self.progress.planned_steps or self.step_limit):
                 raise UserError(f"{last_checkpoint_path(settings.out)} has already trained {self.progress.step} "
                                 "steps; raise --max-steps or --epochs to continue")
-        self.training_model = torch.compile(self.model) if settings.compile else self.model
+        self.training_model = compiled_model(self.model) if settings.compile else self.model
         if process.world_size > 1:
             device_ids = [process.device.index] if process.device.type == "cuda" else None
             self.training_model = torch.nn.parallel.DistributedDataParallel(self.training_model, device_ids=device_ids)
