@@ -158,3 +158,19 @@ def test_learning_rate_warms_up_then_decays_or_stays():
     assert [learning_rate_factor(step, 4, 100) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert learning_rate_factor(99, 4, 100) == pytest.approx(0.1, abs=1e-3)  # cosine down to a tenth
     assert learning_rate_factor(99, 4, 100, "constant") == 1.0 == learning_rate_factor(4, 0, 100, "constant")
+
+
+def test_bfloat16_training_follows_float32(tmp_path, small_corpus, micro_config):
+    # Autocast computes the matrix products in bfloat16 (3 significant digits) and the loss in float32:
+    # the run must learn as the float32 one does, its losses within a few percent all the way.
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.pt"
+        result = run_script(*micro_train_args(small_corpus, micro_config, out, "--max-steps", "40",
+                                              "--eval-interval", "40", "--lr", "1e-2", "--dtype", dtype))
+        assert f"precision: {dtype}" in result.stdout + result.stderr
+        progress = read_checkpoint(out.with_suffix(".last.pt"))["train_state"]["progress"]
+        losses[dtype] = np.array([loss for _, _, loss in progress["step_losses"]])
+    assert losses["float32"][-1] < 0.7 * losses["float32"][0]  # it learned: the comparison means something
+    relative = np.abs(losses["bfloat16"] - losses["float32"]) / losses["float32"]
+    assert 0 < relative.max() < 0.05, relative  # 0 would mean bfloat16 was never used
