@@ -174,3 +174,15 @@ def test_bfloat16_training_follows_float32(tmp_path, small_corpus, micro_config)
     assert losses["float32"][-1] < 0.7 * losses["float32"][0]  # it learned: the comparison means something
     relative = np.abs(losses["bfloat16"] - losses["float32"]) / losses["float32"]
     assert 0 < relative.max() < 0.05, relative  # 0 would mean bfloat16 was never used
+
+
+def test_max_steps_alone_runs_the_same_steps_on_every_machine():
+    import train
+    from modules.training.settings import TrainingSettings
+
+    def max_time(*flags):
+        return TrainingSettings.from_args(train.parse_args(list(flags))).max_time
+
+    assert max_time() == 160  # the default run: about 3 minutes
+    assert max_time("--max-steps", "5000") is None  # no time budget cuts a number of steps short
+    assert max_time("--max-steps", "5000", "--max-time", "30") == 30 == max_time("--max-time", "30")

@@ -50,8 +50,13 @@ class TrainingSettings:
 
     @classmethod
     def from_args(cls, args):
-        """The settings among an argparse Namespace's attributes (add_training_args's flags)."""
-        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+        """The settings among an argparse Namespace's attributes (add_training_args's flags). A script's
+        default --max-time applies when neither --max-time nor --max-steps is given: a number of steps
+        asks for the same run on every machine."""
+        values = {field.name: getattr(args, field.name) for field in fields(cls)}
+        if values["max_time"] is None and values["max_steps"] is None:
+            values["max_time"] = args.default_max_time
+        return cls(**values)
 
     def as_dict(self):
         """For the checkpoint: plain JSON-able values."""
@@ -64,10 +69,11 @@ def add_training_args(parser, *, epochs=1, max_time=None, batch_size=8, lr=3e-4,
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=int, default=epochs, help="passes over the training set (default: %(default)s)")
     group.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run; wins over --epochs")
-    group.add_argument("--max-time", type=float, default=max_time, metavar="SECONDS",
+    group.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
                        help="train for this long (start-up excluded), at most --max-steps or --epochs: the steps "
                             "that fit are planned before the first one, for the learning-rate schedule"
-                            + (" (default: %(default)s)" if max_time else ""))
+                            + (f" (default: {max_time:g} unless --max-steps is given)" if max_time else ""))
+    parser.set_defaults(default_max_time=max_time)  # applied by TrainingSettings.from_args
     group.add_argument("--batch-size", type=int, default=batch_size,
                        help="samples per optimizer step, summed over all processes (default: %(default)s)")
     group.add_argument("--micro-batch-size", type=int, default=None,
