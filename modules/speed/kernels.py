@@ -102,10 +102,11 @@ def fastest_kernel(layer, x):
     kernel = _fastest.get(key)
     if kernel is None:
         with _measuring:  # one measurement at a time: two at once would slow each other down
-            kernel = _fastest.get(key) or _measure(layer, x, candidate_kernels(weight, rows))
-            _fastest[key] = kernel
-    if kernel is not onednn_packed_linear and "_packed" in layer.__dict__:
-        del layer._packed, layer._packed_version  # measuring made a copy that is not needed
+            kernel = _fastest.get(key)
+            if kernel is None:
+                kernel = _fastest[key] = _measure(layer, x, candidate_kernels(weight, rows))
+                if kernel is not onednn_packed_linear and "_packed" in layer.__dict__:
+                    del layer._packed, layer._packed_version  # the measurement's copy, not needed
     return kernel
 
 
