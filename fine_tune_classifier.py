@@ -46,17 +46,13 @@ class ClassifierTask(TrainingTask):
         input_ids, lengths = encode_for_classification(texts, self.max_length)
         return {"input_ids": input_ids, "lengths": lengths, "labels": torch.tensor(labels)}
 
-    def logits(self, model, batch):
-        return last_token_logits(model, batch["input_ids"], batch["lengths"]).float()
+    loss_function = staticmethod(F.cross_entropy)
 
-    def choose_loss_function(self, model, batch):
-        """Nothing to choose: a loss over two classes is too quick for compiling to pay."""
-
-    def loss(self, model, batch):
-        return F.cross_entropy(self.logits(model, batch), batch["labels"])
+    def logits_and_targets(self, model, batch):
+        return last_token_logits(model, batch["input_ids"], batch["lengths"]).float(), batch["labels"]
 
     def metrics(self, model, batch):
-        logits, labels = self.logits(model, batch), batch["labels"]
+        logits, labels = self.logits_and_targets(model, batch)
         size = len(labels)
         return {"loss": (F.cross_entropy(logits, labels, reduction="sum").item(), size),
                 "accuracy": ((logits.argmax(dim=-1) == labels).sum().item(), size)}

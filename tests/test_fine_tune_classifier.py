@@ -164,9 +164,9 @@ def test_a_padded_batch_classifies_each_message_as_it_does_alone():
     samples = [("win a prize now, call this number to claim your cash", 1), ("lunch?", 0), ("see you tomorrow at the meeting", 0)]
     batch = task.collate(samples)
     assert batch["input_ids"].shape[1] > batch["lengths"].min()  # there is padding to get wrong
-    together = task.logits(model, batch)
+    together, _ = task.logits_and_targets(model, batch)
     for row, sample in enumerate(samples):
-        torch.testing.assert_close(together[row], task.logits(model, task.collate([sample]))[0])
+        torch.testing.assert_close(together[row], task.logits_and_targets(model, task.collate([sample]))[0][0])
     padded_position = model(batch["input_ids"])[1, -1]
     assert not torch.allclose(padded_position, together[1])
 

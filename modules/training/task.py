@@ -22,17 +22,21 @@ class TrainingTask:
         input_ids, targets = default_collate(samples)
         return {"input_ids": input_ids, "targets": targets}
 
+    def logits_and_targets(self, model, batch):
+        """What the loss compares: the model's logits for the batch and the batch's targets."""
+        return model(batch["input_ids"]), batch["targets"]
+
     def loss(self, model, batch):
         """Mean loss of a batch (what is minimised)."""
-        return self.loss_function(model(batch["input_ids"]), batch["targets"])
+        return self.loss_function(*self.logits_and_targets(model, batch))
 
     def choose_loss_function(self, model, batch):
-        """Before training: keep next_token_loss or its compiled form, whichever is faster here for the
+        """Before training: keep loss_function or its compiled form, whichever is faster here for the
         logits of a batch like `batch` (modules/speed/compilation.py). Called under the run's autocast,
         with the model in eval mode (no dropout: the random generators must not move)."""
         with torch.no_grad():
-            logits = model(batch["input_ids"])
-        self.loss_function = fastest_loss(self.loss_function, logits, batch["targets"])
+            logits, targets = self.logits_and_targets(model, batch)
+        self.loss_function = fastest_loss(self.loss_function, logits, targets)
 
     def metrics(self, model, batch):
         """{name: (sum, count)} of a batch for evaluation; averaged over all evaluated batches."""
