@@ -291,15 +291,14 @@ def benchmark_main(parse_args, worker, run, title):
           f"{markdown_table(rows)}\n", flush=True)
 
 
-def cpu_flags():
-    """The instruction sets that decide PyTorch's CPU speed, among this CPU's (Linux's /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = set(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return []
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
-    return [flag for flag in wanted if flag in flags]
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "bf16")
+
+
+def speed_flags():
+    """The instruction sets that decide PyTorch's CPU speed, among this CPU's."""
+    from modules.speed.precision import cpu_flags
+
+    return [flag for flag in SPEED_FLAGS if flag in cpu_flags()]
 
 
 def machine_description(device, threads):
@@ -316,5 +315,5 @@ def machine_description(device, threads):
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores ({' '.join(cpu_flags()) or 'flags unknown'}), {threads} threads, "
+    return (f"{cpu}, {os.cpu_count()} cores ({' '.join(speed_flags()) or 'flags unknown'}), {threads} threads, "
             f"{versions}")

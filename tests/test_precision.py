@@ -21,9 +21,9 @@ def cpuinfo(monkeypatch):
                 raise FileNotFoundError(path)
             return io.StringIO("processor\t: 0\n" + text)
         monkeypatch.setattr(precision, "open", fake_open, raising=False)
-        precision.cpu_has_native_bf16.cache_clear()
+        precision.cpu_flags.cache_clear()
     yield use
-    precision.cpu_has_native_bf16.cache_clear()
+    precision.cpu_flags.cache_clear()
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")

@@ -16,14 +16,19 @@ NATIVE_BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16", "bf16"}  # bf16: ARMv8.6's, 
 
 
 @lru_cache(maxsize=1)
-def cpu_has_native_bf16():
-    """Whether this CPU has bfloat16 matrix instructions (Linux; elsewhere False, the safe choice)."""
+def cpu_flags():
+    """The instruction sets of this CPU, as Linux's /proc/cpuinfo names them (elsewhere: none known)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next(line for line in cpuinfo if line.startswith(("flags", "Features"))).split(":", 1)[1].split()
+            line = next(line for line in cpuinfo if line.startswith(("flags", "Features")))  # x86, ARM
     except (OSError, StopIteration):
-        return False
-    return bool(NATIVE_BF16_CPU_FLAGS & set(flags)) and torch.backends.mkldnn.is_available()
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU has bfloat16 matrix instructions (False where unknown, the safe choice)."""
+    return bool(NATIVE_BF16_CPU_FLAGS & cpu_flags()) and torch.backends.mkldnn.is_available()
 
 
 def auto_dtype(device):
