@@ -33,9 +33,8 @@ from benchmarks.common import (  # noqa: E402
     benchmark_main, Row, add_common_args, benchmark_config, common_flags, matmul_peak_flops, model_pair, peak_memory_bytes,
     one_side_model, report_from_worker, run_workers, setup, timed,
 )
-from modules.speed import keep_freed_memory  # noqa: E402
 from modules.errors import run_main  # noqa: E402
-from modules.speed import auto_dtype  # noqa: E402
+from modules.speed import auto_dtype, compiled_model, keep_freed_memory  # noqa: E402
 from modules.training.optimizer import make_optimizer  # noqa: E402
 from modules.training.schedule import autocast_context  # noqa: E402
 
@@ -108,8 +107,8 @@ def training_speeds(args, config, device, low_precision):
         keep_freed_memory()  # as the Trainer does
     ours, reference = model_pair(config, args.seed, device)
     ours_low = copy.deepcopy(ours) if low_precision else None
-    if args.compile:
-        ours = torch.compile(ours)  # shares the parameters of the model it wraps
+    if args.compile:  # a compiled model shares the parameters of the model it wraps
+        ours, ours_low = compiled_model(ours), ours_low and compiled_model(ours_low)
     inputs, targets = make_batch(config, args, device)
     steps = {"reference": make_step(reference, device, inputs, targets), "ours": make_step(ours, device, inputs, targets)}
     if low_precision:
@@ -131,7 +130,7 @@ def worker(args):
         keep_freed_memory()  # as the Trainer does
     model = one_side_model(args.worker, config, args.seed, device)
     if args.worker == "ours" and args.compile:
-        model = torch.compile(model)
+        model = compiled_model(model)
     step = make_step(model, device, *make_batch(config, args, device), args.worker_dtype)
     for _ in range(args.memory_steps):
         step()
