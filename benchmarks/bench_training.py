@@ -108,7 +108,8 @@ def training_speeds(args, config, device, low_precision):
     ours, reference = model_pair(config, args.seed, device)
     ours_low = copy.deepcopy(ours) if low_precision else None
     if args.compile:  # a compiled model shares the parameters of the model it wraps
-        ours, ours_low = compiled_model(ours), ours_low and compiled_model(ours_low)
+        ours = compiled_model(ours)
+        ours_low = compiled_model(ours_low) if low_precision else None
     inputs, targets = make_batch(config, args, device)
     steps = {"reference": make_step(reference, device, inputs, targets), "ours": make_step(ours, device, inputs, targets)}
     if low_precision:
