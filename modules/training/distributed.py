@@ -41,8 +41,14 @@ class TrainingProcess:
             torch_dist.barrier()
 
     def all_reduce_sum(self, tensor):
+        return self._all_reduce(tensor, torch_dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, tensor):
+        return self._all_reduce(tensor, torch_dist.ReduceOp.MAX)
+
+    def _all_reduce(self, tensor, op):
         if self.world_size > 1:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+            torch_dist.all_reduce(tensor, op=op)
         return tensor
 
 

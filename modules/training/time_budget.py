@@ -45,10 +45,11 @@ def _rehearse(trainer):
     torch.set_rng_state(cpu_random)
     if cuda_random is not None:
         torch.cuda.set_rng_state(cuda_random, trainer.process.device)
-    # Every process plans the same steps: they use the mean of their timings.
+    # Every process plans the same steps, at the pace of the slowest: the others wait for it at each step,
+    # and for the main process's sample at each evaluation.
     measured = torch.tensor([sum(timings[1:]) / len(timings[1:]), evaluation_seconds], dtype=torch.float64,
                             device=trainer.process.device)
-    step_seconds, evaluation_seconds = (trainer.process.all_reduce_sum(measured) / trainer.process.world_size).tolist()
+    step_seconds, evaluation_seconds = trainer.process.all_reduce_max(measured).tolist()
     return step_seconds, evaluation_seconds
 
 
