@@ -62,10 +62,10 @@ class Trainer:
             self.progress = restore_train_state(last_checkpoint_path(settings.out), task.kind, self.model,
                                                 self.optimizer, self.scaler, self.data_signature, process.device)
             if self.progress.step >= self.total_steps:
-                advice = ("all that its --max-time planned; start a new run to train further"
-                          if self.progress.planned_steps else "raise --max-steps or --epochs to continue")
-                raise UserError(f"{last_checkpoint_path(settings.out)} has already trained {self.progress.step} "
-                                f"steps; {advice}")
+                done = (f"the {self.progress.step} steps its --max-time planned; start a new run to train further"
+                        if self.progress.planned_steps else
+                        f"{self.progress.step} steps; raise --max-steps or --epochs to continue")
+                raise UserError(f"{last_checkpoint_path(settings.out)} has already trained {done}")
         self.training_model = compiled_model(self.model) if settings.compile else self.model
         if process.world_size > 1:
             device_ids = [process.device.index] if process.device.type == "cuda" else None
