@@ -14,8 +14,8 @@ from streamlit.testing.v1 import AppTest
 from modules import GPTModel, GPT_CONFIGS
 from modules.checkpoint import load_checkpoint, save_checkpoint
 from modules.speed import prepare_for_generation
+from tests.conftest import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 1, "context_size": 64}
 TIMEOUT = 60  # seconds per script run; a run takes about one second
 CHROMIUM = "/usr/bin/chromium"
