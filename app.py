@@ -26,7 +26,9 @@ from modules.classification import classify
 from modules.device import get_device
 from modules.errors import UserError
 from modules.generation import stream_text
-from modules.speed import add_generation_dtype_arg, prepare_for_generation
+from modules.speed import add_generation_args, compiled_decoding, generation_dtype, prepare_for_generation
+from modules.speed.compiled_generation import compiled_decoding_if_any
+from modules.tokenizer import encode, get_tokenizer
 from modules.datasets.instructions import format_prompt
 
 # Sampling makes a small pretrained model read better; instruction tuning is judged on greedy answers,
@@ -48,7 +50,7 @@ def build_parser():
     parser.add_argument("--checkpoints-dir", default="checkpoints",
                         help="folder searched recursively for *.pt checkpoints (default: checkpoints)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    add_generation_dtype_arg(parser)
+    add_generation_args(parser)
     return parser
 
 
@@ -75,6 +77,17 @@ def load_model(path, mtime_ns, device, dtype_name):
     """The model at `path`, loaded once per file version (mtime_ns), device and dtype, shared by all
     sessions (read-only: nothing changes it after this)."""
     return prepare_for_generation(load_checkpoint(path, device=device, kinds=KINDS), dtype_name)
+
+
+def stream_answer(model, prompt, settings):
+    """stream_text(model, prompt, **settings) with the compiled decoding step once it is built for this
+    length (in the background, meanwhile the eager step answers); a caption says which one answered."""
+    decoding = compiled_decoding_if_any(model)  # None with --eager
+    tokens = len(encode(prompt, get_tokenizer())) + settings["max_new_tokens"]
+    compiled = decoding is not None and decoding.ready_or_build_in_background(1, tokens)
+    st.caption("Answered by the compiled decoding step." if compiled else "Answered by the eager step"
+               + ("; the compiled one is being built." if decoding and not decoding.failed else "."))
+    return stream_text(model, prompt, **settings, compiled=compiled)
 
 
 def plain_text_as_markdown(text):
@@ -167,7 +180,7 @@ def complete_text(model):
                              lambda: show_language_model_inside(model, prompt, settings, "lm"))
     if tab:
         with tab, st.container(border=True, key="output"):
-            pieces = itertools.chain([prompt], stream_text(model, prompt, **settings))
+            pieces = itertools.chain([prompt], stream_answer(model, prompt, settings))
             st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
@@ -184,7 +197,7 @@ def follow_instruction(model):
             with st.expander("The prompt the model sees"):
                 st.text(prompt)
             with st.container(border=True, key="output"):
-                st.write_stream(plain_text_as_markdown(piece) for piece in stream_text(model, prompt, **settings))
+                st.write_stream(plain_text_as_markdown(piece) for piece in stream_answer(model, prompt, settings))
 
 
 def detect_spam(model):
@@ -224,8 +237,9 @@ def main():
         return
     parameters = sum(parameter.numel() for parameter in model.parameters())
     st.header(TITLES[model.kind])
-    dtype = str(model.token_embedding.weight.dtype).removeprefix("torch.")
-    st.caption(f"`{path}` · {model.kind} · {parameters / 1e6:.1f}M parameters · {device} · {dtype}")
+    st.caption(f"`{path}` · {model.kind} · {parameters / 1e6:.1f}M parameters · {device} · {generation_dtype(model)}")
+    if not args.eager and model.kind in GENERATION_DEFAULTS:  # a prompt of up to 64 tokens, the default length
+        compiled_decoding(model).ready_or_build_in_background(1, 64 + GENERATION_DEFAULTS[model.kind]["max_new_tokens"])
     PAGES[model.kind](model)
 
 
