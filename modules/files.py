@@ -37,8 +37,8 @@ def atomic_write_text(path, text):
 def read_json(path, what, json_lines=False):
     """The JSON value in the file at `path`; a missing, non-UTF-8 or malformed file ends in a UserError
     that says what the file should have been (`what`, e.g. "a list of answers from evaluate_responses.py").
-    With `json_lines`, a file that is not one JSON document but JSON Lines (one value per line; named
-    .jsonl, or starting with "{") gives the list of its values."""
+    With `json_lines`, a file of JSON Lines (one value per line: named .jsonl, or not one JSON document
+    but starting with "{") gives the list of its values: a .jsonl of one line is a list of one."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; it should be {what}")
@@ -46,23 +46,31 @@ def read_json(path, what, json_lines=False):
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not UTF-8 text (byte {error.start}); it should be {what}") from None
+    except OSError as error:
+        raise UserError(f"could not read {path}: {error.strerror or error}; it should be {what}") from None
+    if json_lines and path.suffix == ".jsonl":
+        return _json_lines_values(path, text, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        if not (json_lines and (path.suffix == ".jsonl" or text.lstrip().startswith("{"))):
+        if not (json_lines and text.lstrip().startswith("{")):
             raise UserError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
                             f"it should be {what}") from None
+    except RecursionError:
+        raise UserError(f"{path} nests its JSON too deeply to read; it should be {what}") from None
     return _json_lines_values(path, text, what)
 
 
 def _json_lines_values(path, text, what):
     values = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a line: JSON strings may hold U+2028 and the other breaks str.splitlines knows.
+    for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 values.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path} line {number} is not valid JSON ({error.msg}); it should be {what}, "
+            except (json.JSONDecodeError, RecursionError) as error:
+                reason = getattr(error, "msg", "nested too deeply")
+                raise UserError(f"{path} line {number} is not valid JSON ({reason}); it should be {what}, "
                                 "one value per line") from None
     return values
 
