@@ -18,6 +18,8 @@ complete, and only then does `latest` (itself written atomically) name it; an in
 previous state as `latest`, usable.
 """
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,8 +54,8 @@ def save_sharded_state(folder, model, optimizer, train_state, is_main):
         writing.mkdir(parents=True)
     _barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=writing,
-             no_dist=not torch_dist.is_initialized())
+    with _as_one_process_if_alone() as no_dist:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=writing, no_dist=no_dist)
     if is_main:
         atomic_save(train_state, writing / TRAIN_STATE)
         name = _new_state_name(folder, train_state["progress"]["step"])
@@ -94,7 +96,8 @@ def load_sharded_state(state_folder, model, optimizer):
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(state, checkpoint_id=state_folder, no_dist=not torch_dist.is_initialized())
+        with _as_one_process_if_alone() as no_dist:
+            dcp.load(state, checkpoint_id=state_folder, no_dist=no_dist)
     except CheckpointException as error:  # it gathers the errors of every process
         raise UserError(f"{state_folder} holds a different model or optimizer than the one configured now "
                         f"({_cause(error)}); resume with the same --init/--config and LoRA flags") from None
@@ -108,6 +111,17 @@ def _new_state_name(folder, step):
         count += 1
         name = f"step-{step:08d}-{count}"
     return name
+
+
+@contextmanager
+def _as_one_process_if_alone():
+    """Yields whether this process runs alone (no process group); then torch.distributed.checkpoint reads
+    and writes without one, which is meant here and needs no warning."""
+    alone = not torch_dist.is_initialized()
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        yield alone
 
 
 def _barrier():
