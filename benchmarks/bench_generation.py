@@ -2,25 +2,22 @@
 GPT2LMHeadModel.generate on the same random weights, in one process, alternating; then the peak memory
 of each side in a fresh process.
 
-    python benchmarks/bench_generation.py                  # 124M, batch 1 and 8, 64-token prompts, 256 new tokens
-    python benchmarks/bench_generation.py --size 355M --device cuda
+    python -m benchmarks.bench_generation                  # 124M, batch 1 and 8, 64-token prompts, 256 new tokens
+    python -m benchmarks.bench_generation --size 355M --device cuda
 """
-import argparse
 import copy
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `modules`
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import (  # noqa: E402
-    benchmark_main, Row, add_common_args, benchmark_config, common_flags, memory_read_bandwidth, model_pair, peak_memory_bytes,
-    one_side_model, report_from_worker, run_workers, setup, timed,
+from benchmarks.measure import memory_read_bandwidth, peak_memory_bytes, report_from_worker, run_workers, timed
+from benchmarks.reference import model_pair, one_side_model
+from benchmarks.script import (
+    benchmark_config, benchmark_main, benchmark_parser, common_flags, parse_with_quick_defaults, setup,
 )
-from modules.errors import run_main  # noqa: E402
-from modules.generation import generate  # noqa: E402
-from modules.speed import auto_dtype, prepare_for_generation  # noqa: E402
+from benchmarks.tables import Row
+from modules.errors import run_main
+from modules.generation import generate
+from modules.speed import auto_dtype, prepare_for_generation
 
 TARGET_SPEEDUP = 1.5  # float32, batch 1, against transformers
 TARGET_BF16_SPEEDUP = 2.0  # bfloat16 (where native), batch 1, against transformers in float32
@@ -28,18 +25,12 @@ TARGET_SHARE_OF_BOUND = 0.7  # float32, batch 1
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="(default: %(default)s)")
-    parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default: 64; 8 with --quick)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default: 256; 16 with --quick)")
+    parser.add_argument("--prompt-tokens", type=int, help="prompt length (default: 64; 8 with --quick)")
+    parser.add_argument("--new-tokens", type=int, help="tokens to generate (default: 256; 16 with --quick)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median counts (default: %(default)s)")
-    parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
-    parser.add_argument("--worker-dtype", default="float32", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.prompt_tokens = args.prompt_tokens or (8 if args.quick else 64)
-    args.new_tokens = args.new_tokens or (16 if args.quick else 256)
-    return args
+    return parse_with_quick_defaults(parser, argv, prompt_tokens=(64, 8), new_tokens=(256, 16))
 
 
 def make_prompt(config, batch_size, args, device):
@@ -138,7 +129,7 @@ def run(args):
                 low_row.target, low_row.met = f">= {TARGET_BF16_SPEEDUP}x", low_row.ratio >= TARGET_BF16_SPEEDUP
                 rows.append(bound_row(low_precision, ours_low, {"ours": speeds["ours_low"]}, bandwidth))
     dtypes = {"ours": "float32", "reference": "float32", **({"ours_low": low_precision} if "ours_low" in sides else {})}
-    memory = run_workers("bench_generation.py", [["--worker", side.removesuffix("_low"), "--worker-dtype", dtype,
+    memory = run_workers("benchmarks.bench_generation", [["--worker", side.removesuffix("_low"), "--worker-dtype", dtype,
                                                   *worker_flags(args)] for side, dtype in dtypes.items()],
                          parallel=args.quick)
     peaks = {side: result["peak_memory"] / 2**20 for side, result in zip(dtypes, memory)}

@@ -4,40 +4,34 @@ modules.pretrained.load_gpt2 against the original project's loader, step by step
 every TensorFlow variable read into a dict first, a randomly initialised model with an untied head, then
 each weight replaced by a new Parameter made from a copy of its array.
 
-    python benchmarks/bench_loading.py                     # 124M
-    python benchmarks/bench_loading.py --size 355M
+    python -m benchmarks.bench_loading                     # 124M
+    python -m benchmarks.bench_loading --size 355M
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `modules`
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import (  # noqa: E402
-    benchmark_main, Row, add_common_args, benchmark_config, common_flags, current_rss_bytes, peak_rss_bytes,
-    reference_model, report_from_worker, run_workers, setup,
+from benchmarks.measure import current_rss_bytes, peak_rss_bytes, report_from_worker, run_workers
+from benchmarks.reference import reference_model
+from benchmarks.script import (
+    benchmark_config, benchmark_main, benchmark_parser, common_flags, parse_with_quick_defaults, setup,
 )
-from modules.errors import run_main  # noqa: E402
+from benchmarks.tables import Row
+from modules.errors import run_main
 
 TARGET_TIME_RATIO = 0.5  # of the original loader's time
 TARGET_MEMORY_FACTOR = 1.3  # RSS growth while loading, in fp32 weight bytes
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="fresh-process loads per side, alternating (default: 3; 1 with --quick)")
-    parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--repeats", type=int, help="fresh-process loads per side, alternating (default: 3; 1 with --quick)")
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    return args
+    return parse_with_quick_defaults(parser, argv, repeats=(3, 1))
 
 
 def write_checkpoint(config, seed, model_dir):
@@ -123,7 +117,7 @@ def run(args):
         sides = ["reference", "ours"] * args.repeats  # alternating
         flag_lists = [["--worker", side, "--model-dir", model_dir, *common_flags(args)] for side in sides]
         results = {"ours": [], "reference": []}
-        for side, result in zip(sides, run_workers("bench_loading.py", flag_lists, parallel=args.quick)):
+        for side, result in zip(sides, run_workers("benchmarks.bench_loading", flag_lists, parallel=args.quick)):
             results[side].append(result)
     seconds = {side: [result["seconds"] for result in values] for side, values in results.items()}
     growth = {side: [result["memory_growth"] / 2**20 for result in values] for side, values in results.items()}

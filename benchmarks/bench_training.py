@@ -9,8 +9,8 @@ On the CPU, our training loop makes glibc keep freed memory (modules.speed.keep_
 process-wide, so in the speed run it serves the reference as well; its fresh memory process runs
 transformers as it ships, without it.
 
-    python benchmarks/bench_training.py                    # 124M, batch 8 x 256 tokens
-    python benchmarks/bench_training.py --size 355M --device cuda
+    python -m benchmarks.bench_training                    # 124M, batch 8 x 256 tokens
+    python -m benchmarks.bench_training --size 355M --device cuda
 
 FLOPs per token (PaLM appendix B, nanoGPT): 6 N + 12 L T d, with N the parameters that multiply
 activations (all but the position embedding; the token embedding is also the output head), L layers,
@@ -18,47 +18,38 @@ T tokens per sequence, d the embedding size. 6 N is 2 N for the forward pass and
 pass; 12 L T d is attention's two products (queries x keys, weights x values) over the full T x T square,
 forward and backward.
 """
-import argparse
 import copy
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `modules`
+import torch
+from torch.nn import functional as F
 
-import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from benchmarks.common import (  # noqa: E402
-    benchmark_main, Row, add_common_args, benchmark_config, common_flags, matmul_peak_flops, model_pair, peak_memory_bytes,
-    one_side_model, report_from_worker, run_workers, setup, timed,
+from benchmarks.measure import matmul_peak_flops, peak_memory_bytes, report_from_worker, run_workers, timed
+from benchmarks.reference import model_pair, one_side_model
+from benchmarks.script import (
+    benchmark_config, benchmark_main, benchmark_parser, common_flags, parse_with_quick_defaults, setup,
 )
-from modules.errors import run_main  # noqa: E402
-from modules.speed import auto_dtype, compiled_model, keep_freed_memory  # noqa: E402
-from modules.training.optimizer import make_optimizer  # noqa: E402
-from modules.training.schedule import autocast_context  # noqa: E402
+from benchmarks.tables import Row
+from modules.errors import run_main
+from modules.speed import auto_dtype, compiled_model, keep_freed_memory
+from modules.training.optimizer import make_optimizer
+from modules.training.schedule import autocast_context
 
 TARGET_MFU = 0.85  # float32
 TARGET_LOW_PRECISION_SPEEDUP = 2.0  # bfloat16 autocast against float32, where bfloat16 is native
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (default: 256; 32 with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per side (default: 8; 2 with --quick)")
+    parser.add_argument("--tokens", type=int, help="tokens per sequence (default: 256; 32 with --quick)")
+    parser.add_argument("--steps", type=int, help="timed steps per side (default: 8; 2 with --quick)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per side first (default: %(default)s)")
     parser.add_argument("--memory-steps", type=int, default=3,
                         help="steps of each fresh process that measures peak memory (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile our model (as train.py --compile does); the reference stays eager")
-    parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
-    parser.add_argument("--worker-dtype", default="float32", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.tokens = args.tokens or (32 if args.quick else 256)
-    args.steps = args.steps or (2 if args.quick else 8)
-    return args
+    return parse_with_quick_defaults(parser, argv, tokens=(256, 32), steps=(8, 2))
 
 
 def flops_per_token(config, tokens):
@@ -167,7 +158,7 @@ def run(args):
         low_row.met = low_row.ratio >= TARGET_LOW_PRECISION_SPEEDUP
         rows += [low_row, mfu_row(low_precision, flops, peaks[low], speeds["ours_low"], [])]
     sides = {"ours": "float32", "reference": "float32", **({"ours_low": low_precision} if low_precision else {})}
-    memory = run_workers("bench_training.py", [["--worker", side.removesuffix("_low"), "--worker-dtype", dtype,
+    memory = run_workers("benchmarks.bench_training", [["--worker", side.removesuffix("_low"), "--worker-dtype", dtype,
                                                 *worker_flags(args)] for side, dtype in sides.items()],
                          parallel=args.quick)
     peak_memory = {side: result["peak_memory"] / 2**20 for side, result in zip(sides, memory)}

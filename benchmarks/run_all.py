@@ -1,32 +1,28 @@
 """Run every benchmark (generation, training, loading) against its reference and print one Markdown table.
 
-    python benchmarks/run_all.py                   # GPT-2 124M on this machine's CPU (minutes)
-    python benchmarks/run_all.py --size 355M --device cuda
-    python benchmarks/run_all.py --quick           # a tiny model, a few steps: checks that everything runs
+    python -m benchmarks.run_all                   # GPT-2 124M on this machine's CPU (minutes)
+    python -m benchmarks.run_all --size 355M --device cuda
+    python -m benchmarks.run_all --quick           # a tiny model, a few steps: checks that everything runs
 
 Each row gives the median of ours and of the reference, their ratio (ours / reference), the range of the
-runs and the target. The workloads, the FLOP formula and the results are described in the README
-("## Performance"); each benchmarks/bench_*.py also runs alone and has more flags.
+runs and the target. The workloads, the FLOP formula and the results are described in
+benchmarks/README.md; each benchmarks/bench_*.py also runs alone (python -m benchmarks.bench_...) and has
+more flags.
 """
-import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `modules`
-
-from benchmarks import bench_generation, bench_loading, bench_training  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    BackgroundLoad, add_common_args, common_flags, machine_description, markdown_table, setup,
-)
-from modules.errors import run_main  # noqa: E402
+from benchmarks import bench_generation, bench_loading, bench_training
+from benchmarks.measure import BackgroundLoad
+from benchmarks.script import common_flags, common_parser, setup
+from benchmarks.tables import machine_description, markdown_table
+from modules.errors import run_main
 
 WORKLOADS = {"generation": bench_generation, "training": bench_training, "loading": bench_loading}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = common_parser(__doc__)
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
                         help="which to run (default: all)")
     args = parser.parse_args()

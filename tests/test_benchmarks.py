@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_run_all_quick_prints_every_workload_with_ratios():
-    result = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| W")]
@@ -43,7 +43,7 @@ def test_flop_formula_is_nanogpts():
 
 def test_a_worker_measures_its_own_peak_memory_not_its_parents():
     ballast = torch.ones(600 * 2**20 // 4)  # 600 MiB held by this process while the worker runs
-    code = "from benchmarks.common import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from benchmarks.measure import peak_rss_bytes; print(peak_rss_bytes())"
     child_peak = int(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                                     check=True).stdout)
     assert child_peak < ballast.numel() * 4

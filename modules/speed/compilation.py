@@ -14,7 +14,7 @@ is measured faster, and only for a loss slow enough (MIN_EAGER_SECONDS) that a r
 Compiling the whole model fuses its element-wise work (GELU, dropout, residual additions) into the matrix
 products around it. On a GPU that is where much of a step goes (nanoGPT's README: 250 to 135 ms an
 iteration); on the CPU the step is its matrix products, and compiled it ran no faster (2 cores of an
-Intel Xeon: 2,514 against 2,523 tokens/s, `python benchmarks/bench_training.py --size tiny [--compile]`).
+Intel Xeon: 2,514 against 2,523 tokens/s, `python -m benchmarks.bench_training --size tiny [--compile]`).
 So it is not measured but left to the user: --compile, for the GPU.
 """
 import statistics
