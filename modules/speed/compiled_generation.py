@@ -51,7 +51,6 @@ class CompiledDecoding:
     thread (compile_in_background, for the app) is building it: then the eager step answers meanwhile."""
 
     def __init__(self, model, report=None):
-        use_project_compile_cache()
         self.model = model
         self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
         device = model.token_embedding.weight.device
@@ -104,8 +103,9 @@ class CompiledDecoding:
                 self.building.discard(shape)
             self.ready.add(shape)
             seconds, compiled = time.perf_counter() - start, cached_files() - cached_before
-        dtype = str(self.model.token_embedding.weight.dtype).removeprefix("torch.")
-        what = f"the decoding step for batch {batch}, {slots} cache slots, {dtype}"
+        from . import generation_dtype
+
+        what = f"the decoding step for batch {batch}, {slots} cache slots, {generation_dtype(self.model)}"
         self.report(f"Compiled {what} in {seconds:.1f} s (kept in {cache_folder()})." if compiled else
                     f"Loaded {what} from the on-disk cache ({cache_folder()}) in {seconds:.1f} s.")
         return True
@@ -127,8 +127,11 @@ class CompiledDecoding:
 
 def use_project_compile_cache():
     """Point inductor's on-disk caches at COMPILE_CACHE, unless the user chose a folder
-    (TORCHINDUCTOR_CACHE_DIR)."""
+    (TORCHINDUCTOR_CACHE_DIR). Done on import: inductor fixes its folder the first time anything asks."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+
+
+use_project_compile_cache()
 
 
 def cache_folder():
