@@ -73,16 +73,16 @@ def checkpoint_kind(path, mtime_ns):
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
-def load_model(path, mtime_ns, device, dtype_name):
+def load_model(path, mtime_ns, device, dtype_name, compiled=False):
     """The model at `path`, loaded once per file version (mtime_ns), device and dtype, shared by all
     sessions (read-only: nothing changes it after this)."""
-    return prepare_for_generation(load_checkpoint(path, device=device, kinds=KINDS), dtype_name)
+    return prepare_for_generation(load_checkpoint(path, device=device, kinds=KINDS), dtype_name, compiled)
 
 
 def stream_answer(model, prompt, settings):
     """stream_text(model, prompt, **settings) with the compiled decoding step once it is built for this
     length (in the background, meanwhile the eager step answers); a caption says which one answered."""
-    decoding = compiled_decoding_if_any(model)  # None with --eager
+    decoding = compiled_decoding_if_any(model)  # None without --compile
     tokens = len(encode(prompt, get_tokenizer())) + settings["max_new_tokens"]
     compiled = decoding is not None and decoding.ready_or_build_in_background(1, tokens)
     st.caption("Answered by the compiled decoding step." if compiled else "Answered by the eager step"
@@ -231,14 +231,14 @@ def main():
     path = pick_checkpoint(args.checkpoints_dir, names)
     try:
         device = get_device(args.device)
-        model = load_model(str(path), path.stat().st_mtime_ns, str(device), args.dtype)
+        model = load_model(str(path), path.stat().st_mtime_ns, str(device), args.dtype, args.compile)
     except UserError as error:  # CheckpointError included: the other checkpoints stay usable
         st.error(str(error))
         return
     parameters = sum(parameter.numel() for parameter in model.parameters())
     st.header(TITLES[model.kind])
     st.caption(f"`{path}` · {model.kind} · {parameters / 1e6:.1f}M parameters · {device} · {generation_dtype(model)}")
-    if not args.eager and model.kind in GENERATION_DEFAULTS:  # a prompt of up to 64 tokens, the default length
+    if args.compile and model.kind in GENERATION_DEFAULTS:  # a prompt of up to 64 tokens, the default length
         compiled_decoding(model).ready_or_build_in_background(1, 64 + GENERATION_DEFAULTS[model.kind]["max_new_tokens"])
     PAGES[model.kind](model)
 

@@ -103,7 +103,7 @@ def answer_test_records(model, selected, settings, args, generator):
             batch = pending[start:start + args.batch_size]
             responses = generate_responses(model, [selected[index] for index in batch], args.max_new_tokens,
                                            args.temperature, args.top_k, args.top_p, generator,
-                                           compiled=not args.eager)
+                                           compiled=args.compile)
             answers.record({index: {**selected[index], "model_response": response, "generation": settings}
                             for index, response in zip(batch, responses)})
             bar.update(len(batch))
@@ -113,7 +113,7 @@ def answer_test_records(model, selected, settings, args, generator):
 def main():
     args = parse_args()
     device = get_device(args.device)
-    model = prepare_for_generation(load_checkpoint(args.checkpoint, device, kinds=("instruct",)), args.dtype)
+    model = prepare_for_generation(load_checkpoint(args.checkpoint, device, kinds=("instruct",)), args.dtype, args.compile)
     test = held_out_test_records(args.checkpoint, model.metadata, args.data)
     selected = test[:args.num]
     if args.num > len(test):

@@ -1,7 +1,8 @@
 """W1, generation: new tokens per second of greedy decoding with a KV cache, ours against transformers'
 GPT2LMHeadModel.generate on the same random weights, in one process, alternating; then the peak memory
-of each side in a fresh process. Ours runs as the generating scripts run it: the decoding step compiled
-(modules/speed/compiled_generation.py; --eager: not), in float32, in bfloat16 where it is native, in int8.
+of each side in a fresh process. Ours runs as the generating scripts run it, eager and with the decoding
+step compiled (--compile, modules/speed/compiled_generation.py), in float32, in bfloat16 where it is
+native, in int8 (compiled only: eager, int8 converts every matrix at every step).
 
     python -m benchmarks.bench_generation                  # 124M, batch 1 and 8, 64-token prompts, 256 new tokens
     python -m benchmarks.bench_generation --size 355M --device cuda
@@ -31,10 +32,14 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-tokens", type=int, help="prompt length (default: 64; 8 with --quick)")
     parser.add_argument("--new-tokens", type=int, help="tokens to generate (default: 256; 16 with --quick)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median counts (default: %(default)s)")
-    parser.add_argument("--eager", action="store_true", help="ours without compiling the decoding step")
+    parser.add_argument("--paths", nargs="+", choices=("eager", "compiled"),
+                        help="our decoding step eager, compiled or both (default: both; eager with --quick, "
+                             "where compiling would take longer than everything else)")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "int8"),
                         help="our dtypes (default: float32, bfloat16 where native, int8)")
-    return parse_with_quick_defaults(parser, argv, prompt_tokens=(64, 8), new_tokens=(256, 16))
+    args = parse_with_quick_defaults(parser, argv, prompt_tokens=(64, 8), new_tokens=(256, 16))
+    args.paths = args.paths or (["eager"] if args.quick else ["eager", "compiled"])
+    return args
 
 
 def make_prompt(config, batch_size, args, device):
@@ -47,7 +52,7 @@ def generator_of(side, model, dtype_name="float32", compiled=True):
     prepared as the generating scripts prepare it for --dtype `dtype_name`."""
     model.eval()
     if side == "ours":
-        prepare_for_generation(model, dtype_name)
+        prepare_for_generation(model, dtype_name, compiled)
         return lambda prompt, new_tokens: generate(model, prompt, new_tokens, compiled=compiled)
     # Random weights may produce <|endoftext|>; like ours, the reference must not stop there.
     model.generation_config.eos_token_id = None
@@ -99,68 +104,81 @@ def worker(args):
     device = setup(args)
     config = benchmark_config(args)
     model = one_side_model(args.worker, config, args.seed, device)
-    generator_of(args.worker, model, args.worker_dtype, not args.eager)(make_prompt(config, 1, args, device),
-                                                                        args.new_tokens)
+    generator_of(args.worker, model, args.worker_dtype, args.paths == ["compiled"])(
+        make_prompt(config, 1, args, device), args.new_tokens)
     report_from_worker({"peak_memory": peak_memory_bytes(device)})
 
 
-def our_dtypes(args, device):
-    """--dtypes, or float32, bfloat16 where the machine computes it natively (what --dtype auto picks), int8."""
-    native = str(auto_dtype(device)).removeprefix("torch.")
-    return args.dtypes or ["float32", *([native] if native != "float32" else []), "int8"]
+def side_label(dtype, path):
+    return f"{dtype} compiled" if path == "compiled" else dtype
+
+
+def native_dtype(device):
+    """What --dtype auto stands for here, as a name."""
+    return str(auto_dtype(device)).removeprefix("torch.")
+
+
+def our_sides(args, device):
+    """(dtype, path) pairs: --dtypes (default float32, bfloat16 where the machine computes it natively,
+    what --dtype auto picks, and int8) by --paths (int8 compiled only)."""
+    native = native_dtype(device)
+    dtypes = args.dtypes or ["float32", *([native] if native != "float32" else []), "int8"]
+    return [(dtype, path) for dtype in dtypes for path in args.paths if dtype != "int8" or path == "compiled"]
 
 
 def run(args):
-    """The result rows of W1: each of our dtypes against transformers in float32 (float32's tokens must
-    be identical to transformers'; the others' share of greedy tokens equal to our float32's)."""
+    """The result rows of W1: each of our (dtype, path) sides against transformers in float32 (float32's
+    tokens must be identical to transformers'; the others' share of greedy tokens equal to transformers')."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     device = setup(args)
     config = benchmark_config(args)
     ours, reference = model_pair(config, args.seed, device)
-    dtypes = our_dtypes(args, device)
     sides = {"reference": generator_of("reference", reference)}
-    models = {dtype: ours if dtype == "float32" else copy.deepcopy(ours) for dtype in dtypes}
-    for dtype, model in models.items():
-        sides[dtype] = generator_of("ours", model, dtype, not args.eager)
+    models = {}
+    for dtype, path in our_sides(args, device):
+        models[dtype, path] = copy.deepcopy(ours)
+        sides[dtype, path] = generator_of("ours", models[dtype, path], dtype, path == "compiled")
     bandwidth = memory_read_bandwidth(device, megabytes=64 if args.quick else 1024)
     shape = f"{args.prompt_tokens}+{args.new_tokens} tokens"
-    path = "eager" if args.eager else "compiled"
     rows = []
     for batch_size in args.batch_sizes:
         speeds, outputs = generation_speeds(args, config, device, batch_size, sides)
-        for dtype in dtypes:
+        for (dtype, path), model in models.items():
+            label = side_label(dtype, path)
             if dtype == "float32":
-                identical = torch.equal(outputs[dtype], outputs["reference"])
+                identical = torch.equal(outputs[dtype, path], outputs["reference"])
                 tokens = f"greedy tokens {'identical' if identical else 'DIFFER'}"
             else:
-                tokens = f"greedy tokens {(outputs[dtype] == outputs.get('float32', outputs['reference'])).float().mean():.0%} as float32's"
-            row = Row(f"W1 generation, {dtype} ({path}) against transformers' float32, batch {batch_size}, {shape}, "
-                      f"{tokens}", "new tokens/s", speeds[dtype], speeds["reference"])
+                same = (outputs[dtype, path] == outputs["reference"]).float().mean().item()
+                tokens = f"{same:.0%} of the greedy tokens as transformers'"
+            auto = " (--dtype auto)" if dtype == native_dtype(device) else ""
+            row = Row(f"W1 generation, {dtype}{auto}{label.removeprefix(dtype)} against transformers' float32, "
+                      f"batch {batch_size}, {shape}, {tokens}", "new tokens/s", speeds[dtype, path], speeds["reference"])
             rows.append(row)
             if batch_size != 1:
                 continue
             target = {"float32": TARGET_SPEEDUP, "bfloat16": TARGET_BF16_SPEEDUP}.get(dtype)
             if target:
                 row.target, row.met = f">= {target}x", row.ratio >= target and (dtype != "float32" or identical)
-            rows.append(bound_row(dtype, models[dtype], {"ours": speeds[dtype], **(
+            rows.append(bound_row(label, model, {"ours": speeds[dtype, path], **(
                 {"reference": speeds["reference"]} if dtype == "float32" else {})}, bandwidth,
                 TARGET_SHARE_OF_BOUND if dtype == "float32" else None))
-    workers = [("reference", "float32")] + [("ours", dtype) for dtype in dtypes]
+    workers = [("reference", "float32", "eager")] + [("ours", dtype, path) for dtype, path in models]
     memory = run_workers("benchmarks.bench_generation",
-                         [["--worker", side, "--worker-dtype", dtype, *worker_flags(args)] for side, dtype in workers],
-                         parallel=args.quick)
-    peaks = {side_dtype: result["peak_memory"] / 2**20 for side_dtype, result in zip(workers, memory)}
-    for dtype in dtypes:
-        rows.append(Row(f"W1 peak memory, {dtype} ({path}), batch 1, {shape} (fresh process), against transformers' "
-                        "float32", "MiB", [peaks["ours", dtype]], [peaks["reference", "float32"]], digits=0))
+                         [["--worker", side, "--worker-dtype", dtype, "--paths", path, *worker_flags(args)]
+                          for side, dtype, path in workers], parallel=args.quick)
+    peaks = {side: result["peak_memory"] / 2**20 for side, result in zip(workers, memory)}
+    for dtype, path in models:
+        rows.append(Row(f"W1 peak memory, {side_label(dtype, path)}, batch 1, {shape} (fresh process), against "
+                        "transformers' float32", "MiB", [peaks["ours", dtype, path]], [peaks["reference", "float32", "eager"]],
+                        digits=0))
     return rows
 
 
 def worker_flags(args):
-    return [*common_flags(args), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-            *(["--eager"] if args.eager else [])]
+    return [*common_flags(args), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
 
 
 def main():

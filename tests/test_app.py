@@ -177,9 +177,8 @@ def test_resume_files_alone_are_listed_without_asking(tmp_path, monkeypatch):
 
 def test_the_default_precision_is_the_machines_native_one(tmp_path, monkeypatch):
     save_lm(tmp_path / "lm.pt")
-    at = start_app(tmp_path, monkeypatch, flags=("--eager",))  # the default --dtype; no compiling in this process
+    at = start_app(tmp_path, monkeypatch, flags=())
     expected = str(auto_dtype("cpu")).removeprefix("torch.")
     assert at.caption[0].value.endswith(f"· cpu · {expected}")
     at.button[0].click().run()
     assert not at.exception and len(output_text(at)) > len("Every effort moves you")
-    assert "Answered by the eager step." in [caption.value for caption in at.caption]

@@ -12,10 +12,80 @@ from modules import GPTModel, GPT_CONFIGS
 from modules.generation import generate
 from modules.training.optimizer import make_optimizer
 from modules.speed import empty_model, generation_dtype, model_from_state_dict, prepare_for_generation
+from modules.speed import use_fastest_linear_kernels
 from modules.speed.int8 import Int8Linear
 from tests.conftest import run_script
+from modules.speed import kernels
 
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 32}
+
+
+@pytest.mark.parametrize("dtype, winner", [
+    (dtype, winner) for dtype in (torch.float32, torch.bfloat16)
+    for winner in ("pytorch_linear", "onednn_linear", "onednn_packed_linear", "pytorch_matrix_vector")
+    if winner != "onednn_packed_linear" or dtype != torch.float32  # a packed copy is for other dtypes only
+])
+def test_measured_kernels_give_the_plain_logits_and_tokens(monkeypatch, winner, dtype):
+    if not kernels.ONEDNN_AVAILABLE:
+        pytest.skip("this PyTorch build has no oneDNN")
+    # Whichever kernel the measurement picks, the model computes the same: force each in turn.
+    chosen = getattr(kernels, winner)
+    # (the matrix-vector product is a candidate for single rows only: generation's steps after the prompt)
+    monkeypatch.setattr(kernels, "_measure", lambda layer, x, candidates: chosen if chosen in candidates else candidates[0])
+    monkeypatch.setattr(kernels, "_fastest", {})
+    torch.manual_seed(0)
+    plain = GPTModel(CONFIG).eval().to(dtype)
+    fast = use_fastest_linear_kernels(copy.deepcopy(plain))
+    assert type(fast.blocks[0].attention.qkv_proj) is kernels.MeasuredLinear
+    assert fast.out_head.weight is fast.token_embedding.weight  # still tied
+    prompt = torch.randint(0, 50257, (3, 9))
+    with torch.no_grad():
+        tolerance = 1e-4 if dtype == torch.float32 else 0.1
+        assert (fast(prompt) - plain(prompt)).abs().max().item() < tolerance
+    generated = generate(fast, prompt[:1], 12)  # one row at a time after the prompt
+    if dtype == torch.float32:
+        assert torch.equal(generated, generate(plain, prompt[:1], 12))
+    assert chosen in set(kernels._fastest.values())
+
+
+def test_a_packed_weight_follows_changes_of_the_weight():
+    layer = kernels.MeasuredLinear(8, 4)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        kernels.onednn_packed_linear(layer, x)
+        layer.weight.mul_(2)  # e.g. load_state_dict or merge_lora after a first generation
+        torch.testing.assert_close(kernels.onednn_packed_linear(layer, x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_the_measurement_picks_the_faster_kernel():
+    def slow(layer, x):
+        time.sleep(0.002)
+        return kernels.pytorch_linear(layer, x)
+
+    fast = kernels.pytorch_linear
+    layer, x = torch.nn.Linear(64, 64), torch.randn(1, 64)
+    assert kernels._measure(layer, x, (fast, slow)) is fast
+    assert kernels._measure(layer, x, (slow, fast)) is fast
+
+
+def test_a_product_too_long_to_measure_keeps_the_default(monkeypatch):
+    monkeypatch.setattr(kernels, "MAX_MEASURED_SECONDS", 0.0)
+    default, other = (lambda layer, x: x), (lambda layer, x: 1 / 0)
+    assert kernels._measure(torch.nn.Linear(4, 4), torch.randn(1, 4), (default, other)) is default
+
+
+def test_float32_weights_get_no_packed_copy():
+    # The copy would double the weights' memory to skip a conversion that float32 weights never need.
+    for rows in (1, 64):
+        assert kernels.onednn_packed_linear not in kernels.candidate_kernels(torch.empty(4, 4), rows)
+        assert kernels.onednn_packed_linear in kernels.candidate_kernels(torch.empty(4, 4, dtype=torch.bfloat16), rows)
+
+
+def test_training_never_takes_the_inference_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "_measure", lambda layer, x, candidates: kernels.onednn_packed_linear)
+    model = use_fastest_linear_kernels(GPTModel(CONFIG))
+    model(torch.randint(0, 50257, (2, 8))).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_a_model_built_around_weights_draws_no_random_numbers():
@@ -89,13 +159,13 @@ from modules import GPTModel, GPT_CONFIGS
 from modules.generation import generate
 from modules.speed import prepare_for_generation
 torch.manual_seed(0)
-model = prepare_for_generation(GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 64}).eval(), "auto")
+model = prepare_for_generation(GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 64}).eval(), "auto", compiled=True)
 print(generate(model, torch.randint(0, 50257, (1, 8)), 40, compiled=True)[0, 8:].tolist())
 """
 
 
 def test_ten_runs_of_one_greedy_command_give_the_same_tokens(tmp_path):
-    # The first run compiles (and max-autotune times its kernels); the nine others, three at a time beside
+    # The first run compiles; the nine others, three at a time beside
     # a busy loop, must find all of it on disk: a choice timed afresh on a busy machine could differ.
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compiled")}
     first = run_script("-c", GREEDY_COMMAND, env=env)

@@ -9,6 +9,8 @@ was measured, and is taken on a machine only where it is faster there:
 - compiled_generation: generation's decoding step compiled whole over a static KV cache (the generating
   entry points, generate(..., compiled=True));
 - int8: int8 weights with a scale per row, made at load time (--dtype int8);
+- kernels: for eager generation on the CPU, the faster of a few linear kernels, measured at first use
+  (the generation entry points);
 - memory: glibc keeps freed memory for reuse (the training loop, on the CPU);
 - precision: bfloat16 where the machine computes it natively (--dtype auto: training and generation);
 - compilation: torch.compile's fusion of the training loss, where measured faster, and of the whole model
@@ -18,6 +20,7 @@ from .compilation import compiled_model, fastest_loss
 from .compiled_generation import COMPILE_CACHE, compiled_decoding
 from .construction import empty_model, model_from_state_dict
 from .int8 import Int8Linear, quantize_int8
+from .kernels import use_fastest_linear_kernels
 from .memory import keep_freed_memory
 from .precision import auto_dtype, describe_precision, resolve_dtype
 
@@ -26,25 +29,28 @@ GENERATION_DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 
 def add_generation_args(parser):
-    """The --dtype and --eager flags of the scripts that generate (for prepare_for_generation and
-    generate(..., compiled=not args.eager))."""
+    """The --dtype and --compile flags of the scripts that generate (for prepare_for_generation and
+    generate(..., compiled=args.compile))."""
     parser.add_argument("--dtype", choices=GENERATION_DTYPES, default="auto",
                         help="precision of the weights while generating: auto is bfloat16 where the GPU or CPU "
                              "computes it natively (AMX, AVX512-BF16), else float32; int8: int8 matrices with a "
                              "scale per row, made at load time (default: %(default)s)")
-    parser.add_argument("--eager", action="store_true",
-                        help="do not compile the decoding step (compiling takes a minute the first time; "
-                             f"later processes find it in {COMPILE_CACHE})")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decoding step over a static KV cache (minutes the first time; later "
+                             f"processes find it in {COMPILE_CACHE}); on a 2-core AMD EPYC it was not yet faster "
+                             "than the eager step (benchmarks/README.md)")
 
 
-def prepare_for_generation(model, dtype_name="auto"):
+def prepare_for_generation(model, dtype_name="auto", compiled=False):
     """The model as the generating code paths run it (the app, evaluate_responses.py, get_gpt_weights.py's
     sample, the benchmarks): its weights in the dtype --dtype `dtype_name` stands for (auto: bfloat16 where
     the machine computes it natively, which halves the bytes each generated token reads; int8: a quarter
-    of float32's, modules/speed/int8.py). Changes `model` in place and returns it."""
+    of float32's, modules/speed/int8.py) and, unless it is to run `compiled` (generate(..., compiled=True)),
+    the linear kernels measured fastest. Changes `model` in place and returns it."""
     if dtype_name == "int8":
         return quantize_int8(model)
-    return model.to(resolve_dtype(dtype_name, model.token_embedding.weight.device))
+    model = model.to(resolve_dtype(dtype_name, model.token_embedding.weight.device))
+    return model if compiled else use_fastest_linear_kernels(model)
 
 
 def generation_dtype(model):
@@ -56,4 +62,5 @@ def generation_dtype(model):
 
 __all__ = ["COMPILE_CACHE", "GENERATION_DTYPES", "add_generation_args", "auto_dtype", "compiled_decoding",
            "compiled_model", "describe_precision", "empty_model", "fastest_loss", "generation_dtype", "keep_freed_memory",
-           "model_from_state_dict", "prepare_for_generation", "quantize_int8", "resolve_dtype"]
+           "model_from_state_dict", "prepare_for_generation", "quantize_int8", "resolve_dtype",
+           "use_fastest_linear_kernels"]

@@ -1,20 +1,24 @@
 """Generation's decoding step compiled whole, as gpt-fast does it: one program per batch size and cache length.
 
-At batch 1 a generated token reads every weight once, and on 2 cores of an AMD EPYC (AVX512-BF16) the
-eager step spent most of its time not in those reads but around them: a Python call, a dispatch and a
-temporary tensor for each of the ~20 small operations of every layer. With a StaticKVCache every step has
-the same shapes, so torch.compile(fullgraph=True, dynamic=False) turns the whole step into one graph and
-inductor into one C++ program, the element-wise work fused into the matrix products around it.
+At batch 1 a generated token reads every weight once, and the eager step spends much of its time not in
+those reads but around them: a Python call, a dispatch and a temporary tensor for each of the ~20 small
+operations of every layer. With a StaticKVCache every step has the same shapes, so
+torch.compile(fullgraph=True, dynamic=False) turns the whole step into one graph and inductor into one
+program, the element-wise work (and attention's softmax) fused between the matrix products. On CUDA,
+mode="reduce-overhead" replays the step as one CUDA graph.
 
-COMPILE_OPTIONS says which of inductor's settings were measured faster here (benchmarks/README.md).
-On CUDA, mode="reduce-overhead" replays the step as one CUDA graph.
+On the CPU inductor runs with its defaults. Measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), GPT-2
+124M in bfloat16, with freezing (weights folded into the program) and max-autotune (C++ GEMM templates)
+the program was the same (the model is an argument of the step, so its weights stay inputs, which
+freezing does not fold) and the compiling longer; and the compiled step was slower than the eager one
+with the measured kernels of kernels.py (0.6x), which is why the scripts compile only with --compile.
 
 Compiling takes a minute or more; inductor keeps what it built in COMPILE_CACHE (git-ignored), keyed by
 the graph, the torch version and the CPU's instructions, so a second process with the same model shape
-and dtype compiles nothing, and takes the kernel choices of the first (max-autotune times its candidates
-once, then the choice is on disk): the same command gives the same tokens in every later process, however
-busy the machine. Where compiling is impossible (no C++ compiler, say), the eager step runs instead, with
-one printed line.
+and dtype compiles nothing and runs the program of the first: nothing is chosen by timing, so the same
+command gives the same tokens in every later process, however busy the machine (the prompt's eager
+forward pass runs PyTorch's own kernels too: prepare_for_generation(..., compiled=True) measures none).
+Where compiling is impossible (no C++ compiler, say), the eager step runs instead, with one printed line.
 """
 import os
 import sys
@@ -28,7 +32,6 @@ import torch
 from ..inference import StaticKVCache, cache_slots, decode_step
 
 COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch-compile"
-COMPILE_OPTIONS = {"freezing": True, "max_autotune": True}  # the CPU's; measured on an AMD EPYC
 _decodings = weakref.WeakKeyDictionary()  # model -> its CompiledDecoding
 
 
@@ -40,7 +43,7 @@ def compiled_decoding(model):
 
 
 def compiled_decoding_if_any(model):
-    """The CompiledDecoding of `model` if something made one (the app, unless --eager), else None."""
+    """The CompiledDecoding of `model` if something made one (the app with --compile), else None."""
     return _decodings.get(model)
 
 
@@ -57,7 +60,7 @@ class CompiledDecoding:
         if device.type == "cuda":
             self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
-            self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
+            self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
         self.ready, self.building, self.failed = set(), set(), None
         self.lock = threading.Lock()
 
