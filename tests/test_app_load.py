@@ -9,14 +9,17 @@ model (its peak memory with 20 sessions against its peak with one); the time to 
 import asyncio
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from app import GENERATION_DEFAULTS, INSIDE_THE_MODEL, plain_text_as_markdown
+import modules.checkpoint
+from app import GENERATION_DEFAULTS, INSIDE_THE_MODEL, ModelShelf, plain_text_as_markdown
+from modules.errors import UserError
 from modules.generation import stream_text
-from tests.app_helpers import app_model, save_lm, served_app
+from tests.app_helpers import app_model, save_lm, served_app, start_app
 
 websockets = pytest.importorskip("websockets")
 from streamlit.proto.BackMsg_pb2 import BackMsg  # noqa: E402
@@ -167,3 +170,65 @@ def test_twenty_sessions_at_once_each_get_their_text_from_one_copy_of_the_model(
     # A copy of the model per session would add 19 of them; what each session holds besides (its generation's
     # buffers, its thread's allocator, Streamlit's state) is a few MiB.
     assert class_mib - one_session_mib < (SESSIONS - 1) * model_mib / 4
+
+
+# ----------------------------------------------------------------------------- when the app runs out
+def test_the_shelf_loads_each_model_once_and_refuses_one_more_while_all_are_in_use():
+    loads = []
+
+    def loader(name):
+        def load():
+            loads.append(name)
+            time.sleep(0.05)  # long enough for the other threads to ask meanwhile
+            return object()
+        return load
+
+    shelf = ModelShelf(limit=1)
+    models = []
+
+    def borrow_a():
+        with shelf.borrow("a", loader("a"), "a.pt") as model:
+            models.append(model)
+
+    threads = [threading.Thread(target=borrow_a) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert loads == ["a"] and len(set(map(id, models))) == 1  # eight sessions at once, one copy
+
+    with shelf.borrow("a", loader("a"), "a.pt"):
+        with pytest.raises(UserError, match=r"already holds 1 models, all in use by other sessions \(a.pt\), "
+                                            r"so it cannot load b.pt now"):
+            with shelf.borrow("b", loader("b"), "b.pt"):
+                pass
+    with shelf.borrow("b", loader("b"), "b.pt"):  # "a" is idle now: it makes room
+        assert list(shelf.places) == ["b"]
+    with pytest.raises(RuntimeError):
+        with shelf.borrow("c", lambda: (_ for _ in ()).throw(RuntimeError("corrupt")), "c.pt"):
+            pass
+    assert "c" not in shelf.places  # a load that failed takes no place
+    with shelf.borrow("a", loader("a"), "a.pt"):
+        pass
+    assert loads == ["a", "b", "a"]
+
+
+def test_a_model_larger_than_the_free_memory_or_an_allocation_that_fails_is_told_on_the_page(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    save_lm(folder / "pretrained.pt")
+    with open(folder / "huge.pt", "wb") as huge:  # a sparse file of a tebibyte: no disk, but its size is read
+        huge.truncate(2**40)
+    at = start_app(folder, monkeypatch)
+    at.selectbox(key="checkpoint").set_value("huge.pt").run()
+    assert not at.exception
+    assert "huge.pt needs about 1,048,576 MiB of memory and the server has" in at.error[0].value
+    at.selectbox(key="checkpoint").set_value("pretrained.pt").run()  # the other models go on
+    assert not at.exception and not at.error and at.header[0].value == "Text completion"
+
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    save_lm(folder / "other.pt", seed=2)
+    monkeypatch.setattr(modules.checkpoint, "load_checkpoint", allocation_fails)
+    at = start_app(folder, monkeypatch)
+    assert not at.exception and "the server ran out of memory for other.pt" in at.error[0].value
