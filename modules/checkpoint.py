@@ -70,8 +70,8 @@ def atomic_save(obj, path):
     try:
         with atomic_file(path) as file:
             torch.save(obj, file)
-    except OSError as error:
-        raise CheckpointError(f"could not write {path}: {error.strerror or error}; any previous file there is unchanged") from None
+    except UserError as error:  # the disk refused the write: the message says where, why and what to do
+        raise CheckpointError(str(error)) from None
 
 
 def read_checkpoint(path, kinds=None, map_location="cpu", mmap=False):

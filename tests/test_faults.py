@@ -244,3 +244,21 @@ def test_row19_a_csv_with_a_header_and_no_messages(tmp_path, micro_config):
     result = run_script("fine_tune_classifier.py", "--data", empty, "--init", "scratch", "--config", micro_config,
                         "--out", tmp_path / "c.pt", check=False)
     assert_clear_failure(result, "empty.csv holds a header but no messages")
+
+
+# Row 20: a pre-tokenized .bin that is not whole uint16 tokens
+def test_row20_odd_length_bin_says_it_holds_uint16_tokens(tmp_path, micro_config):
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\x01\x02\x03")
+    result = run_script(*train_args(odd, micro_config, tmp_path / "m.pt"), check=False)
+    assert_clear_failure(result, "odd.bin is 3 bytes, an odd number", "uint16")
+
+
+# Row 21: a JSONL file of one record is one record
+def test_row21_one_line_jsonl_is_one_record(tmp_path, micro_config):
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    result = run_script("fine_tune_instructional.py", "--data", one, "--init", "scratch", "--config", micro_config,
+                        "--out", tmp_path / "i.pt", check=False)
+    assert_clear_failure(result, "1 records are too few to split")
+    assert "not a list" not in result.stderr

@@ -18,6 +18,7 @@ from ..files import atomic_file, atomic_write_text
 from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 CHUNK_CHARACTERS = 1 << 20  # tokenize a large file a megabyte at a time
+CACHE_ELSEWHERE = "the tokens are cached beside the text: copy it to a folder you can write in"
 
 
 def text_files(path):
@@ -61,7 +62,7 @@ def tokenize_to_cache(files, cache_path):
     """Tokenize `files` (separated by <|endoftext|>) into `cache_path` as raw uint16, atomically."""
     tokenizer = get_tokenizer()
     total_bytes = sum(file.stat().st_size for file in files)
-    with atomic_file(cache_path) as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+    with atomic_file(cache_path, elsewhere=CACHE_ELSEWHERE) as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for index, file in enumerate(files):
             if index:
                 np.array([END_OF_TEXT_ID], dtype=np.uint16).tofile(out)
@@ -77,7 +78,7 @@ def load_tokens(path):
     """All tokens of --data as a read-only uint16 memmap, tokenizing (once) when given text."""
     path = Path(path)
     if path.suffix == ".bin" and path.is_file():
-        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        tokens = read_token_file(path)
     else:
         files = text_files(path)
         cache_path = path.with_name(path.name + ".tokens.bin")
@@ -89,8 +90,27 @@ def load_tokens(path):
             meta = {}  # no cache yet, or a damaged one: it is rebuilt
         if meta.get("sha256") != fingerprint or not cache_path.is_file():
             tokenize_to_cache(files, cache_path)
-            atomic_write_text(meta_path, json.dumps({"sha256": fingerprint, "tokenizer": "gpt2", "files": len(files)}))
-        tokens = np.memmap(cache_path, dtype=np.uint16, mode="r") if cache_path.stat().st_size else np.zeros(0, np.uint16)
+            atomic_write_text(meta_path, json.dumps({"sha256": fingerprint, "tokenizer": "gpt2", "files": len(files)}),
+                              CACHE_ELSEWHERE)
+        tokens = read_token_file(cache_path)
+    return tokens
+
+
+def read_token_file(path):
+    """The GPT-2 token ids in a pre-tokenized .bin (raw uint16, as nanoGPT writes them) as a read-only
+    memmap, checked to be whole tokens of GPT-2's vocabulary."""
+    size = path.stat().st_size
+    layout = ("a .bin holds GPT-2 token ids as raw uint16 (2 bytes each, e.g. numpy's "
+              "np.array(ids, dtype=np.uint16).tofile(path)), or pass the text itself (a .txt file or a folder)")
+    if size % 2:
+        raise UserError(f"{path} is {size:,} bytes, an odd number, so it is not whole tokens: {layout}")
+    if not size:
+        return np.zeros(0, np.uint16)
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    vocabulary = get_tokenizer().n_vocab
+    if (largest := int(tokens.max())) >= vocabulary:
+        raise UserError(f"{path} holds the token id {largest} at {int(tokens.argmax()):,}, but GPT-2's ids "
+                        f"are 0 to {vocabulary - 1}: {layout}")
     return tokens
 
 

@@ -1,0 +1,86 @@
+"""Fully Sharded Data Parallel (FSDP2): each of N processes keeps 1/N of the weights, gradients and
+optimizer state, and gathers a block's whole weights only while the block runs.
+
+DDP keeps a whole copy of the model on every process: 16 bytes a parameter with AdamW in float32
+(weights, gradients, two moments), 24.9 GB for GPT-2 1558M, more than a 24 GB GPU holds however many
+there are. Sharded, each process holds 16/N bytes a parameter, plus the weights of the blocks running
+now. As torchtitan shards a transformer:
+
+- each transformer block is one unit: before its forward (and again before its backward) its weights are
+  all-gathered, after it they are dropped, and its gradients are reduce-scattered so each process keeps
+  the gradient of its own shard;
+- the root unit holds what is left: the embeddings, the final LayerNorm and the head. GPT-2's head shares
+  its matrix with the token embedding, and a shared matrix must live in exactly one unit (two units
+  would each gather and reduce their own copy); the root is the unit that holds both of its users;
+- the mixed-precision policy follows --dtype: the weights are gathered and computed in bfloat16 (half
+  the bytes to send), the gradients are reduced in float32, and the shards that the optimizer updates,
+  with its state, stay float32.
+
+The optimizer, gradient clipping and torch.distributed.checkpoint work on the shards (DTensors) as they
+are. What needs the whole model, the one-file checkpoint that every loader reads, is gathered here.
+"""
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from ..errors import UserError
+from ..lora import apply_lora, has_lora, LoRALinear
+from ..model import GPTModel
+from ..speed.precision import resolve_dtype
+
+PARALLEL_CHOICES = ("ddp", "fsdp")
+
+
+def shard_model(model, dtype_name, device):
+    """Shard `model` (a GPTModel, LoRA layers included, already on `device`) over the process group, in
+    place: one FSDP unit per transformer block, then the root. Returns the model."""
+    policy = mixed_precision_policy(dtype_name, device)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def mixed_precision_policy(dtype_name, device):
+    """bfloat16 weights and computation with float32 gradient reduction, or float32 throughout."""
+    dtype = resolve_dtype(dtype_name, device)
+    if dtype == torch.float16:
+        raise UserError("--parallel fsdp trains in bfloat16 or float32, not float16 (float16 would need a gradient "
+                        "scaler over the shards): use --dtype bfloat16 or --dtype float32")
+    if dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def is_sharded(model):
+    return isinstance(model, FSDPModule)
+
+
+def gathered_model(model):
+    """The whole of a sharded `model` as a plain GPTModel on the CPU of the main process (LoRA layers
+    kept, as in `model`), None on the others: what save_checkpoint writes. Every process must call it,
+    since each sends its shards. The weights are gathered one tensor at a time into CPU memory, so no
+    device ever holds the whole model at once."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if not state:  # cpu_offload leaves the gathered tensors on the main process only
+        return None
+    with torch.device("meta"):
+        whole = GPTModel(model.config)
+    if has_lora(model):
+        lora = next(module for module in model.modules() if isinstance(module, LoRALinear))
+        apply_lora(whole, rank=lora.A.shape[1], alpha=lora.scaling * lora.A.shape[1])
+    whole.load_state_dict(state, assign=True)
+    whole.tie_weights()
+    return whole
+
+
+def load_whole_state_dict(model, state_dict):
+    """Put a whole (unsharded) state dict, such as a checkpoint's, into a sharded `model`: each process
+    keeps its own shards of it."""
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def local_numel(tensors):
+    """Elements of `tensors` that this process holds: its shards of DTensors, all of a plain tensor."""
+    return sum((tensor.to_local() if hasattr(tensor, "to_local") else tensor).numel() for tensor in tensors)
