@@ -27,8 +27,8 @@ import torch
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from app_pages.inside_the_model import show_classifier_inside, show_language_model_inside
-from modules.checkpoint import KINDS, CheckpointError, load_checkpoint, read_checkpoint
-from modules.classification import classify
+from modules.checkpoint import KINDS, CheckpointError, open_checkpoint, read_checkpoint
+from modules.classification import classifier_settings, classify
 from modules.device import get_device
 from modules.errors import UserError, check_flag
 from modules.generation import stream_text
@@ -144,13 +144,16 @@ def available_memory():
 
 
 def load_model(path, device, dtype_name):
-    """The model at `path`, checked to fit in the free memory first (its file is about its weights' size)."""
+    """The checkpoint at `path` (a LoadedCheckpoint: model, kind, metadata), checked first to fit in the
+    free memory (its file is about its weights' size); shared by all sessions (read-only after this)."""
     needed, available = path.stat().st_size, available_memory()
     if available is not None and needed > available:
         raise UserError(f"{path.name} needs about {needed / 2**20:,.0f} MiB of memory and the server has "
                         f"{available / 2**20:,.0f} MiB free: pick a smaller checkpoint, or free memory on the server")
     with st.spinner("Loading the model..."):
-        return prepare_for_generation(load_checkpoint(path, device=device, kinds=KINDS), dtype_name)
+        loaded = open_checkpoint(path, device=device, kinds=KINDS)
+        prepare_for_generation(loaded.model, dtype_name)
+    return loaded
 
 
 def plain_text_as_markdown(text):
@@ -235,8 +238,9 @@ def has_text(text, what):
     return False
 
 
-def complete_text(model):
+def complete_text(checkpoint):
     """kind "lm": the prompt followed by its continuation, streamed as it is generated."""
+    model = checkpoint.model
     settings = generation_settings("lm")
     prompt = st.text_area("Prompt", "Every effort moves you")
     tab = clicked_action_tab("lm", "Generate", prompt, "a prompt",
@@ -247,8 +251,9 @@ def complete_text(model):
             st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
-def follow_instruction(model):
+def follow_instruction(checkpoint):
     """kind "instruct": the original's Alpaca prompt; the answer ends at <|endoftext|>."""
+    model = checkpoint.model
     settings = generation_settings("instruct")
     instruction = st.text_area("Instruction", "Rewrite the sentence using a simile.")
     input_text = st.text_area("Input (optional)", "The car is very fast.")
@@ -263,20 +268,23 @@ def follow_instruction(model):
                 st.write_stream(plain_text_as_markdown(piece) for piece in stream_text(model, prompt, **settings))
 
 
-def detect_spam(model):
-    """kind "classifier": the most likely label of a message and its probability."""
-    labels = model.metadata.get("label_names") or []
-    if labels:
-        st.caption(f"Labels: {', '.join(labels)}")
+def detect_spam(checkpoint):
+    """kind "classifier": the most likely label of a message and its probability, with the label names
+    and the message length the classifier was trained with."""
+    model, settings = checkpoint.model, classifier_settings(checkpoint.metadata)
+    if settings["label_names"]:
+        st.caption(f"Labels: {', '.join(settings['label_names'])}")
     text = st.text_area("Message", "You are a winner! Claim your free prize now by calling 0800 123 456.")
-    tab = clicked_action_tab("classifier", "Classify", text, "a message", lambda: show_classifier_inside(model, text))
+    tab = clicked_action_tab("classifier", "Classify", text, "a message",
+                             lambda: show_classifier_inside(model, text, settings))
     if tab:
-        label, probability = classify(model, text)
+        label, probability = classify(model, text, **settings)
         verdict, confidence = tab.columns(2)
         verdict.metric("Verdict", label)
         confidence.metric("Probability", f"{probability:.1%}")
 
 
+# Each page takes the LoadedCheckpoint (model, kind, metadata).
 PAGES = {"lm": complete_text, "instruct": follow_instruction, "classifier": detect_spam}
 TITLES = {"lm": "Text completion", "instruct": "Instruction following", "classifier": "Spam detector"}
 
@@ -296,8 +304,8 @@ def main():
         check_flag("max_models", args.max_models, lambda limit: limit >= 1, ">= 1")
         device = get_device(args.device)
         key = (str(path), path.stat().st_mtime_ns, str(device), args.dtype)
-        with model_shelf(args.max_models).borrow(key, lambda: load_model(path, device, args.dtype), path.name) as model:
-            show_model(model, path, device)
+        with model_shelf(args.max_models).borrow(key, lambda: load_model(path, device, args.dtype), path.name) as loaded:
+            show_model(loaded, path, device)
     except UserError as error:  # CheckpointError included: the other checkpoints stay usable
         st.error(str(error))
     except Exception as error:
@@ -313,12 +321,13 @@ def out_of_memory(error):
             or isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
-def show_model(model, path, device):
+def show_model(loaded, path, device):
+    model = loaded.model
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    st.header(TITLES[model.kind])
+    st.header(TITLES[loaded.kind])
     dtype = str(model.token_embedding.weight.dtype).removeprefix("torch.")
-    st.caption(f"`{path}` · {model.kind} · {parameters / 1e6:.1f}M parameters · {device} · {dtype}")
-    PAGES[model.kind](model)
+    st.caption(f"`{path}` · {loaded.kind} · {parameters / 1e6:.1f}M parameters · {device} · {dtype}")
+    PAGES[loaded.kind](loaded)
 
 
 if __name__ == "__main__":

@@ -229,6 +229,6 @@ def test_a_model_larger_than_the_free_memory_or_an_allocation_that_fails_is_told
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
 
     save_lm(folder / "other.pt", seed=2)
-    monkeypatch.setattr(modules.checkpoint, "load_checkpoint", allocation_fails)
+    monkeypatch.setattr(modules.checkpoint, "open_checkpoint", allocation_fails)
     at = start_app(folder, monkeypatch)
     assert not at.exception and "the server ran out of memory for other.pt" in at.error[0].value
