@@ -28,12 +28,15 @@ def save_lm(path, kind="lm", seed=0, config=CONFIG):
     save_checkpoint(path, GPTModel(config), kind, step=10)
 
 
+CLASSIFIER_SETTINGS = {"label_names": ["ham", "spam"], "max_length": 32}  # what save_classifier stores
+
+
 def save_classifier(path):
     torch.manual_seed(0)
     model = GPTModel({**CONFIG, "num_classes": 2})
     with torch.no_grad():
         model.out_head.bias.copy_(torch.tensor([0.0, 3.0]))  # an untrained spam detector that says "spam"
-    save_checkpoint(path, model, "classifier", label_names=["ham", "spam"], max_length=32)
+    save_checkpoint(path, model, "classifier", **CLASSIFIER_SETTINGS)
 
 
 # The tests compare what the app shows with what the model computes in float32; the default, bfloat16
@@ -63,8 +66,9 @@ def free_port():
 
 
 @contextlib.contextmanager
-def served_app(folder, log_path):
+def served_app(folder, log_path, started=None):
     """`streamlit run app.py` on a free port over the checkpoints in `folder`; yields its URL, stops it after.
+    The server's Popen is appended to the list `started`, if given, for a test that watches the process.
 
     It runs in the folder above `folder`, so that the page names the checkpoints as a user's app would
     (`checkpoints/pretrained.pt`)."""
@@ -78,6 +82,8 @@ def served_app(folder, log_path):
             cwd=folder.parent, stdout=log, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
+        if started is not None:
+            started.append(server)
         try:
             wait_until_healthy(url, server, log_path)
             yield url

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import MICRO_CONFIG
 from modules import GPTModel
-from modules.checkpoint import KINDS, load_checkpoint, save_checkpoint
+from modules.checkpoint import KINDS, open_checkpoint, save_checkpoint
 from modules.config import REQUIRED_KEYS, resolve_config
 from modules.datasets.corpus import load_tokens
 from modules.datasets.instructions import load_instruction_data
@@ -244,8 +244,8 @@ def test_a_checkpoint_is_loaded_or_refused(data):
     with folder() as directory:
         path = directory / "model.pt"
         path.write_bytes(contents)
-        if (model := read_or_refuse(load_checkpoint, path, "cpu", KINDS)) is not None:
-            assert model.kind in KINDS and model(torch.zeros(1, 2, dtype=torch.long)).shape[:2] == (1, 2)
+        if (loaded := read_or_refuse(open_checkpoint, path, "cpu", KINDS)) is not None:
+            assert loaded.kind in KINDS and loaded.model(torch.zeros(1, 2, dtype=torch.long)).shape[:2] == (1, 2)
 
 
 # ----------------------------------------------------------------------------- OpenAI's and Hugging Face's folders

@@ -4,8 +4,6 @@ The model's files (attention, layer_norm, feed_forward, transformer, model) comp
 else. Each piece here is applied explicitly by the code that wants it, says what it gains and where that
 was measured, and is taken on a machine only where it is faster there:
 
-- construction: build a model around existing weights (checkpoints, OpenAI's files) without drawing
-  random ones first (checkpoint and weight loading);
 - compiled_generation: generation's decoding step compiled whole over a static KV cache (the generating
   entry points, generate(..., compiled=True));
 - int8: int8 weights with a scale per row, made at load time (--dtype int8);
@@ -18,7 +16,6 @@ was measured, and is taken on a machine only where it is faster there:
 """
 from .compilation import compiled_model, fastest_loss
 from .compiled_generation import COMPILE_CACHE, compiled_decoding
-from .construction import empty_model, model_from_state_dict
 from .int8 import Int8Linear, quantize_int8
 from .kernels import use_fastest_linear_kernels
 from .memory import keep_freed_memory
@@ -61,6 +58,5 @@ def generation_dtype(model):
 
 
 __all__ = ["COMPILE_CACHE", "GENERATION_DTYPES", "add_generation_args", "auto_dtype", "compiled_decoding",
-           "compiled_model", "describe_precision", "empty_model", "fastest_loss", "generation_dtype", "keep_freed_memory",
-           "model_from_state_dict", "prepare_for_generation", "quantize_int8", "resolve_dtype",
-           "use_fastest_linear_kernels"]
+           "compiled_model", "describe_precision", "fastest_loss", "generation_dtype", "keep_freed_memory",
+           "prepare_for_generation", "quantize_int8", "resolve_dtype", "use_fastest_linear_kernels"]
