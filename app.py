@@ -32,7 +32,9 @@ from modules.classification import classifier_settings, classify
 from modules.device import get_device
 from modules.errors import UserError, check_flag
 from modules.generation import stream_text
-from modules.speed import add_generation_dtype_arg, prepare_for_generation
+from modules.speed import add_generation_args, compiled_decoding, generation_dtype, prepare_for_generation
+from modules.speed.compiled_generation import compiled_decoding_if_any
+from modules.tokenizer import encode, get_tokenizer
 from modules.datasets.instructions import format_prompt
 
 # Sampling makes a small pretrained model read better; instruction tuning is judged on greedy answers,
@@ -56,7 +58,7 @@ def build_parser():
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--max-models", type=int, default=2,
                         help="models the server holds at once, shared by all sessions (default: %(default)s)")
-    add_generation_dtype_arg(parser)
+    add_generation_args(parser)
     return parser
 
 
@@ -143,7 +145,7 @@ def available_memory():
         return None
 
 
-def load_model(path, device, dtype_name):
+def load_model(path, device, dtype_name, compiled=False):
     """The checkpoint at `path` (a LoadedCheckpoint: model, kind, metadata), checked first to fit in the
     free memory (its file is about its weights' size); shared by all sessions (read-only after this)."""
     needed, available = path.stat().st_size, available_memory()
@@ -152,8 +154,19 @@ def load_model(path, device, dtype_name):
                         f"{available / 2**20:,.0f} MiB free: pick a smaller checkpoint, or free memory on the server")
     with st.spinner("Loading the model..."):
         loaded = open_checkpoint(path, device=device, kinds=KINDS)
-        prepare_for_generation(loaded.model, dtype_name)
+        prepare_for_generation(loaded.model, dtype_name, compiled)
     return loaded
+
+
+def stream_answer(model, prompt, settings):
+    """stream_text(model, prompt, **settings) with the compiled decoding step once it is built for this
+    length (in the background, meanwhile the eager step answers); a caption says which one answered."""
+    decoding = compiled_decoding_if_any(model)  # None without --compile
+    tokens = len(encode(prompt, get_tokenizer())) + settings["max_new_tokens"]
+    compiled = decoding is not None and decoding.ready_or_build_in_background(1, tokens)
+    st.caption("Answered by the compiled decoding step." if compiled else "Answered by the eager step"
+               + ("; the compiled one is being built." if decoding and not decoding.failed else "."))
+    return stream_text(model, prompt, **settings, compiled=compiled)
 
 
 def plain_text_as_markdown(text):
@@ -247,7 +260,7 @@ def complete_text(checkpoint):
                              lambda: show_language_model_inside(model, prompt, settings, "lm"))
     if tab:
         with tab, st.container(border=True, key="output"):
-            pieces = itertools.chain([prompt], stream_text(model, prompt, **settings))
+            pieces = itertools.chain([prompt], stream_answer(model, prompt, settings))
             st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
@@ -265,7 +278,7 @@ def follow_instruction(checkpoint):
             with st.expander("The prompt the model sees"):
                 st.text(prompt)
             with st.container(border=True, key="output"):
-                st.write_stream(plain_text_as_markdown(piece) for piece in stream_text(model, prompt, **settings))
+                st.write_stream(plain_text_as_markdown(piece) for piece in stream_answer(model, prompt, settings))
 
 
 def detect_spam(checkpoint):
@@ -303,9 +316,10 @@ def main():
     try:
         check_flag("max_models", args.max_models, lambda limit: limit >= 1, ">= 1")
         device = get_device(args.device)
-        key = (str(path), path.stat().st_mtime_ns, str(device), args.dtype)
-        with model_shelf(args.max_models).borrow(key, lambda: load_model(path, device, args.dtype), path.name) as loaded:
-            show_model(loaded, path, device)
+        key = (str(path), path.stat().st_mtime_ns, str(device), args.dtype, args.compile)
+        with model_shelf(args.max_models).borrow(key, lambda: load_model(path, device, args.dtype, args.compile),
+                                                path.name) as loaded:
+            show_model(loaded, path, device, args.compile)
     except UserError as error:  # CheckpointError included: the other checkpoints stay usable
         st.error(str(error))
     except Exception as error:
@@ -321,12 +335,13 @@ def out_of_memory(error):
             or isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
-def show_model(loaded, path, device):
+def show_model(loaded, path, device, compile_step=False):
     model = loaded.model
     parameters = sum(parameter.numel() for parameter in model.parameters())
     st.header(TITLES[loaded.kind])
-    dtype = str(model.token_embedding.weight.dtype).removeprefix("torch.")
-    st.caption(f"`{path}` · {loaded.kind} · {parameters / 1e6:.1f}M parameters · {device} · {dtype}")
+    st.caption(f"`{path}` · {loaded.kind} · {parameters / 1e6:.1f}M parameters · {device} · {generation_dtype(model)}")
+    if compile_step and loaded.kind in GENERATION_DEFAULTS:  # a prompt of up to 64 tokens, the default length
+        compiled_decoding(model).ready_or_build_in_background(1, 64 + GENERATION_DEFAULTS[loaded.kind]["max_new_tokens"])
     PAGES[loaded.kind](loaded)
 
 
