@@ -71,7 +71,8 @@ def gathered_model(model):
         lora = next(module for module in model.modules() if isinstance(module, LoRALinear))
         apply_lora(whole, rank=lora.A.shape[1], alpha=lora.scaling * lora.A.shape[1])
     whole.load_state_dict(state, assign=True)
-    whole.tie_weights()
+    if not whole.config.get("num_classes"):
+        whole.tie_weights()  # assign=True replaced the shared matrix by two
     return whole
 
 
