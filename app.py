@@ -21,8 +21,8 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from app_pages.inside_the_model import show_classifier_inside, show_language_model_inside
-from modules.checkpoint import KINDS, CheckpointError, load_checkpoint, read_checkpoint
-from modules.classification import classify
+from modules.checkpoint import KINDS, CheckpointError, open_checkpoint, read_checkpoint
+from modules.classification import classifier_settings, classify
 from modules.device import get_device
 from modules.errors import UserError
 from modules.generation import stream_text
@@ -72,9 +72,11 @@ def checkpoint_kind(path, mtime_ns):
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
 def load_model(path, mtime_ns, device, dtype_name):
-    """The model at `path`, loaded once per file version (mtime_ns), device and dtype, shared by all
-    sessions (read-only: nothing changes it after this)."""
-    return prepare_for_generation(load_checkpoint(path, device=device, kinds=KINDS), dtype_name)
+    """The checkpoint at `path` (a LoadedCheckpoint: model, kind, metadata), loaded once per file version
+    (mtime_ns), device and dtype, shared by all sessions (read-only: nothing changes it after this)."""
+    loaded = open_checkpoint(path, device=device, kinds=KINDS)
+    prepare_for_generation(loaded.model, dtype_name)
+    return loaded
 
 
 def plain_text_as_markdown(text):
@@ -159,8 +161,9 @@ def has_text(text, what):
     return False
 
 
-def complete_text(model):
+def complete_text(checkpoint):
     """kind "lm": the prompt followed by its continuation, streamed as it is generated."""
+    model = checkpoint.model
     settings = generation_settings("lm")
     prompt = st.text_area("Prompt", "Every effort moves you")
     tab = clicked_action_tab("lm", "Generate", prompt, "a prompt",
@@ -171,8 +174,9 @@ def complete_text(model):
             st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
-def follow_instruction(model):
+def follow_instruction(checkpoint):
     """kind "instruct": the original's Alpaca prompt; the answer ends at <|endoftext|>."""
+    model = checkpoint.model
     settings = generation_settings("instruct")
     instruction = st.text_area("Instruction", "Rewrite the sentence using a simile.")
     input_text = st.text_area("Input (optional)", "The car is very fast.")
@@ -187,20 +191,23 @@ def follow_instruction(model):
                 st.write_stream(plain_text_as_markdown(piece) for piece in stream_text(model, prompt, **settings))
 
 
-def detect_spam(model):
-    """kind "classifier": the most likely label of a message and its probability."""
-    labels = model.metadata.get("label_names") or []
-    if labels:
-        st.caption(f"Labels: {', '.join(labels)}")
+def detect_spam(checkpoint):
+    """kind "classifier": the most likely label of a message and its probability, with the label names
+    and the message length the classifier was trained with."""
+    model, settings = checkpoint.model, classifier_settings(checkpoint.metadata)
+    if settings["label_names"]:
+        st.caption(f"Labels: {', '.join(settings['label_names'])}")
     text = st.text_area("Message", "You are a winner! Claim your free prize now by calling 0800 123 456.")
-    tab = clicked_action_tab("classifier", "Classify", text, "a message", lambda: show_classifier_inside(model, text))
+    tab = clicked_action_tab("classifier", "Classify", text, "a message",
+                             lambda: show_classifier_inside(model, text, settings))
     if tab:
-        label, probability = classify(model, text)
+        label, probability = classify(model, text, **settings)
         verdict, confidence = tab.columns(2)
         verdict.metric("Verdict", label)
         confidence.metric("Probability", f"{probability:.1%}")
 
 
+# Each page takes the LoadedCheckpoint (model, kind, metadata).
 PAGES = {"lm": complete_text, "instruct": follow_instruction, "classifier": detect_spam}
 TITLES = {"lm": "Text completion", "instruct": "Instruction following", "classifier": "Spam detector"}
 
@@ -218,15 +225,16 @@ def main():
     path = pick_checkpoint(args.checkpoints_dir, names)
     try:
         device = get_device(args.device)
-        model = load_model(str(path), path.stat().st_mtime_ns, str(device), args.dtype)
+        loaded = load_model(str(path), path.stat().st_mtime_ns, str(device), args.dtype)
     except UserError as error:  # CheckpointError included: the other checkpoints stay usable
         st.error(str(error))
         return
+    model = loaded.model
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    st.header(TITLES[model.kind])
+    st.header(TITLES[loaded.kind])
     dtype = str(model.token_embedding.weight.dtype).removeprefix("torch.")
-    st.caption(f"`{path}` · {model.kind} · {parameters / 1e6:.1f}M parameters · {device} · {dtype}")
-    PAGES[model.kind](model)
+    st.caption(f"`{path}` · {loaded.kind} · {parameters / 1e6:.1f}M parameters · {device} · {dtype}")
+    PAGES[loaded.kind](loaded)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from modules.checkpoint import load_checkpoint
+from modules.checkpoint import open_checkpoint
 from modules.datasets.instructions import (fetch_alpaca, file_sha256, format_prompt, generate_responses,
                                            load_instruction_data, split_instruction_data)
 from modules.device import get_device
@@ -112,8 +112,9 @@ def answer_test_records(model, selected, settings, args, generator):
 def main():
     args = parse_args()
     device = get_device(args.device)
-    model = prepare_for_generation(load_checkpoint(args.checkpoint, device, kinds=("instruct",)), args.dtype)
-    test = held_out_test_records(args.checkpoint, model.metadata, args.data)
+    tuned = open_checkpoint(args.checkpoint, device, kinds=("instruct",))
+    model = prepare_for_generation(tuned.model, args.dtype)
+    test = held_out_test_records(args.checkpoint, tuned.metadata, args.data)
     selected = test[:args.num]
     if args.num > len(test):
         print(f"the test set has {len(test)} records; answering all of them")

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from modules.checkpoint import load_checkpoint
-from modules.classification import classifier_from_lm, classify, encode_for_classification, last_token_logits
+from modules.checkpoint import open_checkpoint
+from modules.classification import (
+    classifier_from_lm, classifier_settings, classify, encode_for_classification, last_token_logits,
+)
 from modules.device import get_device
 from modules.download import add_download_args
 from modules.errors import UserError, check_flag, run_main
@@ -172,9 +174,9 @@ def fine_tune(args):
 
 
 def classify_texts(args):
-    model = load_checkpoint(args.checkpoint or args.out, get_device(args.device), kinds=("classifier",))
+    classifier = open_checkpoint(args.checkpoint or args.out, get_device(args.device), kinds=("classifier",))
     for text in args.classify:
-        label, probability = classify(model, text)
+        label, probability = classify(classifier.model, text, **classifier_settings(classifier.metadata))
         print(f"{label} ({probability:.1%}): {text}")
 
 

@@ -57,8 +57,12 @@ def load_responses(path):
         response = record.get("model_response", record.get("model response")) if isinstance(record, dict) else None
         if response is None or "instruction" not in record or "output" not in record:
             raise UserError(f"entry {index} of {path} (counting from 0) needs 'instruction', 'output' and 'model_response'")
-        entries.append({"instruction": record["instruction"], "input": record.get("input", ""),
-                        "output": record["output"], "model_response": response})
+        entry = {"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"],
+                 "model_response": response}
+        if wrong := [key for key, value in entry.items() if not isinstance(value, str)]:
+            raise UserError(f"entry {index} of {path} (counting from 0): {', '.join(wrong)} must be text, "
+                            f"not {type(entry[wrong[0]]).__name__}")
+        entries.append(entry)
     return entries
 
 

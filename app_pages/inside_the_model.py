@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from modules.classification import encode_for_classification
+from modules.classification import class_numbers, encode_for_classification
 from modules.generation import pick_next_token
 from modules.inspection import inspect_prompt, prompt_token_ids, sampling_probabilities, token_pieces
 from modules.tokenizer import get_tokenizer
@@ -44,9 +44,10 @@ def show_language_model_inside(model, prompt, settings, kind):
                "upper triangle is empty: a token never sees the tokens after it.")
 
 
-def show_classifier_inside(model, text):
-    """Kind "classifier": the message's tokens, each label's probability, and where the last token looks."""
-    max_length = model.metadata.get("max_length", model.config["context_size"])
+def show_classifier_inside(model, text, settings):
+    """Kind "classifier": the message's tokens, each label's probability, and where the last token looks.
+    settings: the label names and max length of the checkpoint (modules.classification.classifier_settings)."""
+    max_length = settings["max_length"] or model.config["context_size"]
     token_ids = encode_for_classification([text], max_length)[0][0].tolist()
     inspection = inspect_prompt(model, token_ids)
     pieces = token_pieces(token_ids)
@@ -55,7 +56,7 @@ def show_classifier_inside(model, text):
     st.caption(f"The message as GPT-2 reads it: each token's text and id; at most {max_length} tokens are read.")
     st.subheader("2. The verdict")
     probabilities = inspection.logits[-1].softmax(dim=-1).tolist()
-    labels = model.metadata.get("label_names") or [str(index) for index in range(len(probabilities))]
+    labels = settings["label_names"] or class_numbers(len(probabilities))
     st.altair_chart(bar_chart(labels, probabilities, "probability"))
     st.caption(f"The classifier reads the last token, “{visible(pieces[-1])}”: attention only looks back, so it "
                "is the one token that has seen the whole message.")

@@ -21,6 +21,7 @@ from benchmarks.script import (
     benchmark_config, benchmark_main, benchmark_parser, common_flags, parse_with_quick_defaults, setup,
 )
 from benchmarks.tables import Row
+from modules import GPTModel
 from modules.errors import run_main
 
 TARGET_TIME_RATIO = 0.5  # of the original loader's time
@@ -43,6 +44,15 @@ def write_checkpoint(config, seed, model_dir):
                             model_dir)
 
 
+class UntiedGPTModel(GPTModel):
+    """The original's model: randomly initialised, its output head a Linear of its own, not tied to the
+    token embedding."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.out_head = torch.nn.Linear(config["embedding_dim"], config["vocab_size"], bias=False)
+
+
 def load_like_the_original(model_dir):
     """The original project's loader, step by step (its get_gpt_weights.py; our model's layout):
 
@@ -59,7 +69,6 @@ def load_like_the_original(model_dir):
     import numpy as np
     import tensorflow as tf
 
-    from modules import GPTModel
     from modules.pretrained import gpt2_name_to_ours
 
     hparams = json.loads((model_dir / "hparams.json").read_text())
@@ -69,8 +78,7 @@ def load_like_the_original(model_dir):
 
     config = {"vocab_size": hparams["n_vocab"], "context_size": hparams["n_ctx"], "embedding_dim": hparams["n_embd"],
               "num_heads": hparams["n_head"], "num_layers": hparams["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
-    model = GPTModel(config)
-    model.out_head = torch.nn.Linear(config["embedding_dim"], config["vocab_size"], bias=False)  # untied
+    model = UntiedGPTModel(config)
 
     def replace(parameter_name, array):
         module_name, _, attribute = parameter_name.rpartition(".")

@@ -54,7 +54,7 @@ def parse_args(argv=None):
 
 def flops_per_token(config, tokens):
     """Training FLOPs per token, the formula of this file's docstring."""
-    from modules.speed import empty_model
+    from modules.checkpoint import empty_model
 
     model = empty_model(config)  # the parameters' shapes, nothing allocated
     multiplying = sum(p.numel() for p in model.parameters()) - model.position_embedding.weight.numel()

@@ -24,8 +24,8 @@ def reference_model(config, seed, device):
 
 def ours_from_reference(hf_model, config):
     """Our GPTModel holding exactly the reference's weights (copies, so neither side shares memory)."""
+    from modules.checkpoint import model_from_state_dict
     from modules.pretrained import convert_gpt2_weights, hf_name_to_gpt2
-    from modules.speed import model_from_state_dict
 
     tensors = {hf_name_to_gpt2(name): tensor.detach().clone() for name, tensor in hf_model.state_dict().items()}
     return model_from_state_dict(config, convert_gpt2_weights(tensors))

@@ -6,8 +6,8 @@ classified padding); here each message is read at its own last real token.
 """
 import torch
 
+from .checkpoint import model_from_state_dict
 from .model import init_weights
-from .speed import model_from_state_dict
 from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -47,12 +47,24 @@ def last_token_logits(model, input_ids, lengths):
 
 
 @torch.inference_mode()
-def classify(model, text, tokenizer=None):
-    """(label, probability) for one text with a "classifier" checkpoint loaded by load_checkpoint."""
+def classify(model, text, label_names=None, max_length=None, tokenizer=None):
+    """(label, probability) for one text.
+
+    label_names and max_length are those the classifier was trained with (a classifier checkpoint's
+    metadata holds both: classify(loaded.model, text, **classifier_settings(loaded.metadata))); without
+    them the labels are the class numbers and the text is read up to the context size."""
     device = next(model.parameters()).device
-    max_length = model.metadata.get("max_length", model.config["context_size"])
-    input_ids, lengths = encode_for_classification([text], max_length, tokenizer)
+    input_ids, lengths = encode_for_classification([text], max_length or model.config["context_size"], tokenizer)
     probabilities = last_token_logits(model, input_ids.to(device), lengths).softmax(dim=-1)[0]
     best = int(probabilities.argmax())
-    label_names = model.metadata.get("label_names") or [str(index) for index in range(len(probabilities))]
-    return label_names[best], float(probabilities[best])
+    return (label_names or class_numbers(len(probabilities)))[best], float(probabilities[best])
+
+
+def classifier_settings(metadata):
+    """What classify() takes from a classifier checkpoint's metadata: its label names and max length."""
+    return {"label_names": metadata.get("label_names"), "max_length": metadata.get("max_length")}
+
+
+def class_numbers(num_classes):
+    """The labels of classes without names: "0", "1", ..."""
+    return [str(index) for index in range(num_classes)]

@@ -8,11 +8,13 @@ here shares one tokenizer.
 """
 from pathlib import Path
 
+from .errors import UserError
 from .files import read_json
 
 REQUIRED_KEYS = ("vocab_size", "context_size", "embedding_dim", "num_heads", "num_layers", "drop_rate", "qkv_bias")
 
-_GPT2 = {"vocab_size": 50257, "context_size": 1024, "drop_rate": 0.1, "qkv_bias": True}
+TOKENIZER_VOCABULARY = 50257  # every model here reads GPT-2's tokens
+_GPT2 = {"vocab_size": TOKENIZER_VOCABULARY, "context_size": 1024, "drop_rate": 0.1, "qkv_bias": True}
 
 GPT_CONFIGS = {
     "124M": {**_GPT2, "embedding_dim": 768, "num_heads": 12, "num_layers": 12},
@@ -27,7 +29,10 @@ GPT_CONFIGS = {
 }
 
 
-class ConfigError(ValueError):
+MAX_PARAMETERS = 2**40  # about a trillion: 4 TB of float32, a number off by a few digits
+
+
+class ConfigError(UserError, ValueError):
     """A model configuration that cannot build a GPTModel."""
 
 
@@ -44,10 +49,18 @@ def validate_config(config):
             f"embedding_dim ({config['embedding_dim']}) must be divisible by num_heads ({config['num_heads']}): "
             "each head gets embedding_dim / num_heads dimensions"
         )
-    if not 0.0 <= float(config["drop_rate"]) < 1.0:
-        raise ConfigError(f"drop_rate must be in [0, 1), not {config['drop_rate']!r}")
+    dim = config["embedding_dim"]
+    parameters = (config["vocab_size"] + config["context_size"]) * dim + config["num_layers"] * 12 * dim * dim
+    if parameters > MAX_PARAMETERS:
+        raise ConfigError(f"the model config describes about {parameters:.3g} parameters, more than any machine holds "
+                          f"(the limit is {MAX_PARAMETERS:.3g}); check embedding_dim, num_layers, vocab_size and context_size")
+    drop_rate = config["drop_rate"]
+    if not isinstance(drop_rate, (int, float)) or isinstance(drop_rate, bool) or not 0.0 <= drop_rate < 1.0:
+        raise ConfigError(f"drop_rate must be a number in [0, 1), not {drop_rate!r}")
+    if not isinstance(config["qkv_bias"], bool):
+        raise ConfigError(f"qkv_bias must be true or false, not {config['qkv_bias']!r}")
     num_classes = config.get("num_classes")
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2):
         raise ConfigError(f"num_classes must be an integer >= 2, not {num_classes!r}")
     return config
 
@@ -59,7 +72,16 @@ def resolve_config(name_or_path):
     path = Path(name_or_path)
     if path.suffix != ".json":
         raise ConfigError(f"unknown config {name_or_path!r}: use one of {', '.join(GPT_CONFIGS)} or a .json file")
-    overrides = read_json(path, f"a model config: a JSON object with keys such as {', '.join(REQUIRED_KEYS)}")
+    what = f"a model config: a JSON object with keys such as {', '.join(REQUIRED_KEYS)}"
+    overrides = read_json(path, what)
     if not isinstance(overrides, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object with keys such as {', '.join(REQUIRED_KEYS)}")
-    return validate_config({**GPT_CONFIGS["124M"], **overrides})
+        raise ConfigError(f"config file {path} holds a JSON {type(overrides).__name__}; it must be {what}")
+    config = {**GPT_CONFIGS["124M"], **overrides}
+    try:
+        validate_config(config)
+    except ConfigError as error:
+        raise ConfigError(f"config file {path}: {error}") from None
+    if config["vocab_size"] < TOKENIZER_VOCABULARY:
+        raise ConfigError(f"config file {path}: vocab_size must be at least {TOKENIZER_VOCABULARY}, the GPT-2 "
+                          f"tokenizer's, not {config['vocab_size']}")
+    return config

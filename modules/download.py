@@ -17,9 +17,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import UserError
+from .files import write_error
 
 CHUNK_BYTES = 1 << 20
 RETRYABLE_HTTP_CODES = {408, 425, 429, 500, 502, 503, 504}
+DOWNLOAD_ELSEWHERE = "another --data-dir or --models-dir; a rerun resumes the download"
 NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
 
 
@@ -56,15 +58,18 @@ def download_file(url, path, expected_size=None, hint=None, retries=3, backoff_s
             reason = f"HTTP {error.code} {error.reason}"
         except NETWORK_ERRORS as error:
             reason = str(getattr(error, "reason", None) or error) or type(error).__name__
-        except OSError as error:  # not the network: the disk (full, read-only, ...)
-            raise UserError(f"could not write {part}: {error.strerror or error}") from None
+        except OSError as error:  # not the network: the disk (full, read-only, ...); a rerun resumes the .part
+            raise write_error(part, error, DOWNLOAD_ELSEWHERE) from None
         failures = 1 if _size(part) > received_before else failures + 1
         if failures > retries:
             raise UserError(f"could not download {url} ({reason}). {hint}")
         delay = backoff_seconds * 2 ** (failures - 1)
         tqdm.write(f"{url}: {reason}; retrying in {delay:g} s")
         time.sleep(delay)
-    os.replace(part, path)
+    try:
+        os.replace(part, path)
+    except OSError as error:
+        raise write_error(path, error, DOWNLOAD_ELSEWHERE) from None
     return path
 
 

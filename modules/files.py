@@ -1,36 +1,71 @@
 """Writing files so that nothing is lost: whole or not at all, and one writer at a time; reading JSON
 with one clear message when the file is not what it should be."""
+import errno
 import json
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import UserError
 
 
+# What to do when the operating system refuses a write, by its errno.
+REMEDIES = {
+    errno.ENOSPC: "free some space on that disk, or write elsewhere",
+    errno.EDQUOT: "free some of your disk quota, or write elsewhere",
+    errno.EROFS: "that file system is read-only: write elsewhere",
+    errno.EACCES: "you may not write in that folder: change its permissions, or write elsewhere",
+    errno.EPERM: "you may not write in that folder: change its permissions, or write elsewhere",
+}
+
+
+def write_error(path, error, elsewhere="another --out"):
+    """The UserError for an OSError met while writing `path`: the path, the cause and the remedy
+    (`elsewhere` says how to write elsewhere)."""
+    cause = error.strerror or str(error)
+    remedy = REMEDIES.get(error.errno, "check that disk, or write elsewhere")
+    return UserError(f"could not write {path}: {cause}; {remedy} ({elsewhere}). Any earlier {Path(path).name} "
+                     "is unchanged")
+
+
+def os_error_in(error):
+    """The OSError `error` is or stands for: torch.save reports a failed write (a full disk) as a
+    RuntimeError of its zip writer raised while handling the OSError."""
+    while error is not None and not isinstance(error, OSError):
+        error = (error.__cause__ or error.__context__) if isinstance(error, RuntimeError) else None
+    return error
+
+
 @contextmanager
-def atomic_file(path, mode="wb"):
+def atomic_file(path, mode="wb", elsewhere="another --out"):
     """Open a temporary file beside `path` for writing; when the block ends, flush it to disk and rename
     it over `path`. A reader (or a crash, or a full disk) sees the old file or the new one, never half
-    of one; if the block fails, `path` is untouched and the temporary file is gone."""
+    of one; if the block fails, `path` is untouched and the temporary file is gone. When the operating
+    system refuses the write (a full disk, a read-only file system, no permission) the error is a
+    UserError naming the path, the cause and the remedy, `elsewhere` saying how to write elsewhere."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(descriptor, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            with suppress(OSError):
+                Path(temporary).unlink(missing_ok=True)
+        if (cause := os_error_in(error)) is not None:
+            raise write_error(path, cause, elsewhere) from None
         raise
 
 
-def atomic_write_text(path, text):
+def atomic_write_text(path, text, elsewhere="another --out"):
     """Write `text` (UTF-8) to `path` whole or not at all (see atomic_file)."""
-    with atomic_file(path, "w") as file:
+    with atomic_file(path, "w", elsewhere) as file:
         file.write(text)
 
 
@@ -90,9 +125,9 @@ def exclusive_output(path):
     """Hold `<path>.lock` while writing `path`, so that a second run given the same output refuses to
     start instead of interleaving its writes. A lock left by a process that no longer runs is taken over."""
     lock = Path(path).with_name(Path(path).name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
@@ -105,6 +140,8 @@ def exclusive_output(path):
                     f"another run (process {owner}) is writing {path}; wait for it to finish or choose another output path"
                 ) from None
             lock.unlink(missing_ok=True)  # stale: its process is gone
+        except OSError as error:
+            raise write_error(path, error) from None
     with os.fdopen(descriptor, "w") as file:
         file.write(str(os.getpid()))
     try:

@@ -28,12 +28,15 @@ def save_lm(path, kind="lm", seed=0, config=CONFIG):
     save_checkpoint(path, GPTModel(config), kind, step=10)
 
 
+CLASSIFIER_SETTINGS = {"label_names": ["ham", "spam"], "max_length": 32}  # what save_classifier stores
+
+
 def save_classifier(path):
     torch.manual_seed(0)
     model = GPTModel({**CONFIG, "num_classes": 2})
     with torch.no_grad():
         model.out_head.bias.copy_(torch.tensor([0.0, 3.0]))  # an untrained spam detector that says "spam"
-    save_checkpoint(path, model, "classifier", label_names=["ham", "spam"], max_length=32)
+    save_checkpoint(path, model, "classifier", **CLASSIFIER_SETTINGS)
 
 
 # The tests compare what the app shows with what the model computes in float32; the default, bfloat16

@@ -14,7 +14,7 @@ from modules.classification import classify
 from modules.generation import stream_text
 from modules.speed import auto_dtype
 from modules.datasets.instructions import format_prompt
-from tests.app_helpers import app_model, ROOT, save_classifier, save_lm, start_app
+from tests.app_helpers import app_model, CLASSIFIER_SETTINGS, ROOT, save_classifier, save_lm, start_app
 
 
 def output_text(at):
@@ -84,7 +84,7 @@ def test_classifier_shows_the_label_and_its_probability(tmp_path, monkeypatch):
     at.text_area[0].input(message)
     at.button[0].click().run()
     assert not at.exception
-    label, probability = classify(app_model(tmp_path / "spam.pt"), message)
+    label, probability = classify(app_model(tmp_path / "spam.pt"), message, **CLASSIFIER_SETTINGS)
     assert label == "spam"
     assert [metric.value for metric in at.metric] == [label, f"{probability:.1%}"]
 

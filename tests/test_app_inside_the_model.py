@@ -11,7 +11,7 @@ from modules.classification import classify
 from modules.datasets.instructions import format_prompt
 from modules.generation import pick_next_token, sampling_logits
 from modules.inspection import inspect_prompt, prompt_token_ids
-from tests.app_helpers import app_model, CONFIG, save_classifier, save_lm, start_app
+from tests.app_helpers import app_model, CLASSIFIER_SETTINGS, CONFIG, save_classifier, save_lm, start_app
 
 PROMPT = "Every effort moves you"
 DISTRIBUTIONS = ["model", "after temperature", "sampled from"]
@@ -146,7 +146,7 @@ def test_the_classifier_shows_its_labels_and_where_the_last_token_looks(tmp_path
     at.text_area[0].input(message)
     open_tab(at, "classifier")
     labels = chart_data(at, 0)
-    label, probability = classify(app_model(tmp_path / "spam.pt"), message)
+    label, probability = classify(app_model(tmp_path / "spam.pt"), message, **CLASSIFIER_SETTINGS)
     assert labels["label"].tolist() == ["ham", "spam"] and labels["probability"].sum() == pytest.approx(1.0)
     assert labels.set_index("label")["probability"][label] == pytest.approx(probability, abs=1e-5)
     inspection = inspection_of(tmp_path / "spam.pt", message)

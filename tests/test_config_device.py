@@ -25,12 +25,19 @@ def test_json_config_checks_divisibility(tmp_path):
     assert resolve_config(str(path))["embedding_dim"] == 96
 
 
-def test_device_default_and_unavailable():
-    assert get_device(None).type in ("cuda", "mps", "cpu")
+@pytest.mark.parametrize("cuda, mps, best", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_the_default_device_is_the_best_available(monkeypatch, cuda, mps, best):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert get_device(None) == get_device("auto") == torch.device(best)
+
+
+def test_a_named_device_and_an_unavailable_one(monkeypatch):
     assert get_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="CUDA is not available.*cpu"):
-            get_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError, match="CUDA is not available on this machine; use one of: cpu$"):
+        get_device("cuda")
 
 
 PAGE_FAULTS_OF_A_REALLOCATION = """

@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import MICRO_CONFIG, REPO, run_script
 from modules import GPTModel
-from modules.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from modules.checkpoint import open_checkpoint, read_checkpoint, save_checkpoint
 
 
 def assert_clear_failure(result, *phrases):
@@ -90,7 +90,7 @@ def test_row6_sigkill_during_checkpoint_writes_keeps_the_previous_one(tmp_path):
     time.sleep(1.5)
     writer.send_signal(signal.SIGKILL)
     writer.wait()
-    assert load_checkpoint(path).kind == "lm"  # whole: the old one or a complete new one
+    assert open_checkpoint(path).kind == "lm"  # whole: the old one or a complete new one
 
 
 # Row 12: a corpus smaller than one context window

@@ -13,7 +13,7 @@ import torch
 import fine_tune_classifier
 import modules.download
 from tests.conftest import MICRO_CONFIG, SHARED_DATA, run_script
-from modules.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from modules.checkpoint import load_checkpoint, open_checkpoint, read_checkpoint, save_checkpoint
 from modules.classification import classifier_from_lm, encode_for_classification
 from modules.errors import UserError
 from modules.model import GPTModel
@@ -203,8 +203,8 @@ def test_training_learns_a_separable_set_and_writes_metrics_splits_and_plot(trai
     assert trained.with_suffix(".loss.png").stat().st_size > 10_000
     sizes = {name: len(pd.read_csv(trained.with_name(f"classifier.{name}.csv"))) for name in ("train", "validation", "test")}
     assert sizes == {"train": 84, "validation": 12, "test": 24}
-    model = load_checkpoint(trained, kinds=("classifier",))
-    assert model.metadata["label_names"] == ["ham", "spam"] and 2 <= model.metadata["max_length"] <= 32
+    metadata = open_checkpoint(trained, kinds=("classifier",)).metadata
+    assert metadata["label_names"] == ["ham", "spam"] and 2 <= metadata["max_length"] <= 32
 
 
 def test_classify_from_the_command_line_and_the_wrong_kind(trained, tmp_path):

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from modules import GPTModel, GPT_CONFIGS
+from modules import GPTModel, GPT_CONFIGS, generation
 from modules.generation import generate, stream_text, stream_tokens
+from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +66,23 @@ def test_left_padded_batch_generates_each_prompt_as_alone(model):
 
 
 def test_stream_tokens_yields_one_token_per_step(model):
-    steps = list(stream_tokens(model, torch.randint(0, 50257, (3, 4)), 6))
+    prompt = torch.randint(0, 50257, (3, 4))
+    steps = list(stream_tokens(model, prompt, 6))
     assert len(steps) == 6 and all(step.shape == (3,) for step in steps)
+    assert torch.equal(torch.stack(steps, dim=1), generate(model, prompt, 6)[:, 4:])  # generate's tokens, in order
 
 
-def test_stream_text_yields_whole_characters(model):
-    pieces = list(stream_text(model, "Café 🙂", 12, temperature=1.0, seed=3, stop_at_end_of_text=False))
-    assert pieces and all(isinstance(piece, str) for piece in pieces)
-    assert list(stream_text(model, "", 3)) is not None  # an empty prompt starts from <|endoftext|>
+def test_stream_text_yields_whole_characters(model, monkeypatch):
+    """日 and 本 are split over several tokens; each comes out whole, in the piece of the token that ends it."""
+    tokenizer = get_tokenizer()
+    token_ids = encode("Café 🙂 naïve 日本", tokenizer)
+    token_bytes = [tokenizer.decode_single_token_bytes(token_id) for token_id in token_ids]
+    assert b"\x97" in token_bytes and b"\xac" in token_bytes  # tokens that hold a part of a character
+    monkeypatch.setattr(generation, "stream_tokens", lambda *args, **kwargs: (torch.tensor([t]) for t in token_ids))
+    assert list(stream_text(model, "Hello", len(token_ids))) == ["C", "af", "é", " 🙂", " naïve", " ", "日", "本"]
+
+
+def test_stream_text_of_an_empty_prompt_starts_from_end_of_text(model):
+    new_ids = generate(model, torch.tensor([[END_OF_TEXT_ID]]), 5)[0, 1:].tolist()
+    new_bytes = b"".join(get_tokenizer().decode_single_token_bytes(token_id) for token_id in new_ids)
+    assert "".join(stream_text(model, "", 5, stop_at_end_of_text=False)) == new_bytes.decode("utf-8", errors="replace")

@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import MICRO_CONFIG, run_script
 from modules import GPTModel
-from modules.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from modules.checkpoint import CheckpointError, load_checkpoint, open_checkpoint, read_checkpoint, save_checkpoint
 from modules.errors import UserError
 from modules.datasets.instructions import split_instruction_data
 from modules.judge import parse_score
@@ -39,11 +39,11 @@ def tuned(tmp_path_factory):
 
 
 def test_fine_tuning_writes_an_instruct_checkpoint_that_records_its_split(tuned):
-    model = load_checkpoint(tuned["out"], kinds=("instruct",))
-    data = model.metadata["data"]
+    metadata = open_checkpoint(tuned["out"], kinds=("instruct",)).metadata
+    data = metadata["data"]
     assert data["path"] == str(tuned["data"]) and data["seed"] == 123 and data["records"] == 60
-    assert data["fractions"] == pytest.approx([0.8, 0.1, 0.1]) and model.metadata["mask_prompt"] is True
-    assert model.metadata["max_length"] == 96
+    assert data["fractions"] == pytest.approx([0.8, 0.1, 0.1]) and metadata["mask_prompt"] is True
+    assert metadata["max_length"] == 96
     assert "48 training, 6 validation and 6 test records" in tuned["log"]
     _, val, _ = split_instruction_data(tuned["records"], 123)
     assert f"sample:\n    {val[0]['instruction']} => " in tuned["log"]  # the greedy answer to the first validation record
@@ -238,7 +238,7 @@ def test_lora_tuning_trains_adapters_only_and_saves_them_merged(tuned, tmp_path,
     # Rank 4 adapters on qkv (32 -> 96), out (32 -> 32), expand (32 -> 128) and project (128 -> 32): 4 * (in + out) each.
     assert f"({4 * (32 + 96 + 32 + 32 + 32 + 128 + 128 + 32):,} trained)" in capsys.readouterr().out
     before, after = load_checkpoint(tuned["out"]), load_checkpoint(out, kinds=("instruct",))
-    assert after.metadata["lora"] == {"rank": 4, "alpha": 8.0}
+    assert open_checkpoint(out).metadata["lora"] == {"rank": 4, "alpha": 8.0}
     assert torch.equal(after.token_embedding.weight, before.token_embedding.weight)  # frozen
     assert not torch.equal(after.blocks[0].attention.qkv_proj.weight, before.blocks[0].attention.qkv_proj.weight)
 

@@ -7,7 +7,7 @@ from torch import nn
 from tests.conftest import MICRO_CONFIG
 from modules.lora import LoRALinear, apply_lora, has_lora, merge_lora, merged_state_dict
 from modules.model import GPTModel
-from modules.speed import model_from_state_dict
+from modules.checkpoint import model_from_state_dict
 
 CONFIG = {**MICRO_CONFIG, "num_layers": 2}
 

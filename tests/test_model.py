@@ -4,8 +4,8 @@ import torch
 
 from modules import GPTModel, GPT_CONFIGS
 from modules.attention import written_out_attention
+from modules.checkpoint import model_from_state_dict
 from modules.pretrained import convert_gpt2_weights, hf_name_to_gpt2
-from modules.speed import model_from_state_dict
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import fine_tune_classifier
-from modules.checkpoint import load_checkpoint
+from modules.checkpoint import open_checkpoint
 from modules.datasets.instructions import split_instruction_data
 from modules.datasets.sms_spam import balance, read_messages, split
 from tests.conftest import SHARED_DATA
@@ -76,7 +76,7 @@ def test_preset_tuning_then_answering_answers_the_originals_test_records_in_orde
     data.write_text(json.dumps(records))
     in_process(monkeypatch, "fine_tune_instructional", "--preset", "original", "--data", data, "--init", "scratch",
                "--config", micro_config, "--out", out, "--max-steps", "1", "--eval-batches", "1", "--sample-tokens", "0")
-    assert load_checkpoint(out).metadata["data"]["split_order"] == "file"
+    assert open_checkpoint(out).metadata["data"]["split_order"] == "file"
     in_process(monkeypatch, "evaluate_responses", "--preset", "original", "--checkpoint", out, "--out", answers,
                "--max-new-tokens", "4")
     answered = json.loads(answers.read_text())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, run_script
-from modules.checkpoint import load_checkpoint, read_checkpoint
+from modules.checkpoint import open_checkpoint, read_checkpoint
 from modules.datasets.corpus import load_tokens
 from modules.errors import UserError
 
@@ -25,8 +25,8 @@ def test_defaults_shortened_produce_checkpoint_plot_metrics_and_falling_loss(tmp
     assert metrics["steps"] == 20 and last["val_loss"] < 9.0 < 10.5 < read_checkpoint(out.with_suffix(".last.pt"))["train_state"]["progress"]["step_losses"][0][2]
     assert last["val_loss"] < first["val_loss"] and metrics["train_loss"] == last["train_loss"]
     assert out.with_suffix(".loss.png").stat().st_size > 10_000
-    model = load_checkpoint(out, kinds=("lm",))
-    assert model.config["context_size"] == 256 and model.metadata["step"] == 20
+    pretrained = open_checkpoint(out, kinds=("lm",))
+    assert pretrained.model.config["context_size"] == 256 and pretrained.metadata["step"] == 20
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, small_corpus, micro_config):

@@ -18,6 +18,7 @@ from ..files import atomic_file, atomic_write_text
 from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 CHUNK_CHARACTERS = 1 << 20  # tokenize a large file a megabyte at a time
+CACHE_ELSEWHERE = "the tokens are cached beside the text: copy it to a folder you can write in"
 
 
 def text_files(path):
@@ -61,7 +62,7 @@ def tokenize_to_cache(files, cache_path):
     """Tokenize `files` (separated by <|endoftext|>) into `cache_path` as raw uint16, atomically."""
     tokenizer = get_tokenizer()
     total_bytes = sum(file.stat().st_size for file in files)
-    with atomic_file(cache_path) as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+    with atomic_file(cache_path, elsewhere=CACHE_ELSEWHERE) as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for index, file in enumerate(files):
             if index:
                 np.array([END_OF_TEXT_ID], dtype=np.uint16).tofile(out)
@@ -89,7 +90,8 @@ def load_tokens(path):
             meta = {}  # no cache yet, or a damaged one: it is rebuilt
         if meta.get("sha256") != fingerprint or not cache_path.is_file():
             tokenize_to_cache(files, cache_path)
-            atomic_write_text(meta_path, json.dumps({"sha256": fingerprint, "tokenizer": "gpt2", "files": len(files)}))
+            atomic_write_text(meta_path, json.dumps({"sha256": fingerprint, "tokenizer": "gpt2", "files": len(files)}),
+                              CACHE_ELSEWHERE)
         tokens = read_token_file(cache_path)
     return tokens
 

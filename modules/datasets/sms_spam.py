@@ -42,7 +42,7 @@ def fetch_sms_spam(data_dir, url=SMS_SPAM_URL):
             text = zipped.read(DATA_FILE).decode("utf-8")
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError):
         raise UserError(f"{archive} is not UCI's zip holding {DATA_FILE}: delete it and run again, or pass {LOCAL_HINT}") from None
-    atomic_write_text(path, text)  # a half-extracted file would pass for the data set next time
+    atomic_write_text(path, text, "choose another --data-dir")  # a half-extracted file would pass for the data set next time
     return path
 
 
@@ -129,7 +129,8 @@ def _read_with_pandas(path, kind, layout, advice, **read_options):
 def _numbered_rows(frame, label_column, text_column, first_line):
     """(line number, label, text) of each row of `frame`. A quoted field can span lines, so a row's line
     is `first_line` plus the lines of the rows before it."""
-    lines_per_row = 1 + frame.map(lambda value: value.count("\n")).sum(axis=1)
+    frame = frame.fillna("")  # a row with fewer fields than the header: they are empty
+    lines_per_row = 1 + frame.map(lambda value: value.count("\n")).sum(axis=1).astype(int)
     first_lines = first_line + lines_per_row.cumsum() - lines_per_row
     return zip(first_lines, frame[label_column], frame[text_column])
 

@@ -1,8 +1,8 @@
 """What both loaders share: our config from the file that describes the model, and a GPTModel built
 from stored tensors after every shape has been checked."""
+from ..checkpoint import empty_model, model_from_state_dict
 from ..config import ConfigError, validate_config
 from ..errors import UserError
-from ..speed import empty_model, model_from_state_dict
 
 from .names import convert_gpt2_weights, gpt2_name_to_ours, gpt2_names
 

@@ -31,7 +31,10 @@ def load_gpt2_from_hf(hf_dir):
     model.safetensors (possibly sharded) or pytorch_model.bin, as save_pretrained or a downloaded
     openai-community/gpt2 snapshot has them."""
     hf_dir = Path(hf_dir)
-    hf_config = read_json(hf_dir / "config.json", f"the config of a Hugging Face GPT-2 model; {_how_to_get(hf_dir)}")
+    what = f"the config of a Hugging Face GPT-2 model, a JSON object; {_how_to_get(hf_dir)}"
+    hf_config = read_json(hf_dir / "config.json", what)
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{hf_dir / 'config.json'} holds a JSON {type(hf_config).__name__}; it should be {what}")
     if hf_config.get("model_type") != "gpt2":
         raise UserError(f"{hf_dir} holds a {hf_config.get('model_type')!r} model, not GPT-2 "
                         "(its config.json must say \"model_type\": \"gpt2\")")

@@ -4,8 +4,6 @@ The model's files (attention, layer_norm, feed_forward, transformer, model) comp
 else. Each piece here is applied explicitly by the code that wants it, says what it gains and where that
 was measured, and is taken on a machine only where it is faster there:
 
-- construction: build a model around existing weights (checkpoints, OpenAI's files) without drawing
-  random ones first (checkpoint and weight loading);
 - kernels: for generation on the CPU, the faster of two linear kernels, measured at first use
   (the generation entry points);
 - memory: glibc keeps freed memory for reuse (the training loop, on the CPU);
@@ -14,7 +12,6 @@ was measured, and is taken on a machine only where it is faster there:
   with --compile (the training loop).
 """
 from .compilation import compiled_model, fastest_loss
-from .construction import empty_model, model_from_state_dict
 from .kernels import use_fastest_linear_kernels
 from .memory import keep_freed_memory
 from .precision import auto_dtype, describe_precision, resolve_dtype
@@ -40,5 +37,4 @@ def prepare_for_generation(model, dtype_name="auto"):
 
 
 __all__ = ["GENERATION_DTYPES", "add_generation_dtype_arg", "auto_dtype", "compiled_model", "describe_precision",
-           "empty_model", "fastest_loss", "keep_freed_memory", "model_from_state_dict", "prepare_for_generation",
-           "resolve_dtype", "use_fastest_linear_kernels"]
+           "fastest_loss", "keep_freed_memory", "prepare_for_generation", "resolve_dtype", "use_fastest_linear_kernels"]

@@ -8,7 +8,7 @@
 import json
 from pathlib import Path
 
-from ..files import atomic_write_text
+from ..files import atomic_file, atomic_write_text
 
 
 def last_checkpoint_path(out):
@@ -62,6 +62,8 @@ def plot_training(path, step_losses, evaluations):
         axis.set(xlabel="step", ylabel=name, title=name)
         axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with atomic_file(path) as file:
+            figure.savefig(file, format="png", dpi=100)
+    finally:
+        plt.close(figure)
