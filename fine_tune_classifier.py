@@ -24,7 +24,7 @@ from modules.classification import (
 from modules.device import get_device
 from modules.download import add_download_args
 from modules.errors import UserError, check_flag, run_main
-from modules.lora import apply_lora
+from modules.lora import add_lora_args, lora_from_flags
 from modules.datasets.sms_spam import (LABEL_NAMES, QUOTINGS, SMS_SPAM_URL, as_samples, balance, fetch_sms_spam,
                                       read_messages, split, split_paths, write_splits)
 from modules.presets import Preset, parse_with_presets
@@ -101,13 +101,10 @@ def parse_args(argv=None):
                            "message, at most the model's context)")
     model = add_init_args(parser, init="124M")
     model.add_argument("--drop-rate", type=float, default=0.0, help="dropout while fine-tuning (default: %(default)s)")
-    trainable = model.add_mutually_exclusive_group()
-    trainable.add_argument("--train-all", action="store_true",
-                           help="train every weight (default with --init scratch; otherwise only the last block, "
-                                "the final norm and the head train)")
-    trainable.add_argument("--lora-rank", type=int, default=None,
-                           help="train LoRA adapters of this rank in every block, and the head, instead")
-    model.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha; updates are scaled by alpha/rank (default: %(default)s)")
+    model.add_argument("--train-all", action="store_true",
+                       help="train every weight (default with --init scratch; otherwise only the last block, "
+                            "the final norm and the head train)")
+    add_lora_args(parser)
     use = parser.add_argument_group("classifying with a trained model")
     use.add_argument("--classify", nargs="+", metavar="TEXT", help="print the label and probability of each TEXT, then exit")
     use.add_argument("--checkpoint", type=Path, default=None, help="the classifier checkpoint for --classify (default: --out)")
@@ -131,11 +128,10 @@ def load_splits(args, process):
 def as_classifier(lm, args):
     """--init's weights with a 2-class head, and the parameters chosen to train frozen or not."""
     check_flag("drop_rate", args.drop_rate, lambda rate: 0 <= rate < 1, "in [0, 1)")
-    check_flag("lora_rank", args.lora_rank, lambda rank: rank >= 1, ">= 1")
-    check_flag("lora_alpha", args.lora_alpha, lambda alpha: alpha > 0, "> 0")
+    if args.train_all and args.lora_rank:
+        raise UserError("--train-all and --lora-rank exclude each other: LoRA trains adapters beside frozen weights")
     model = classifier_from_lm(lm, len(LABEL_NAMES), args.drop_rate)
-    if args.lora_rank:
-        apply_lora(model, args.lora_rank, args.lora_alpha)
+    if lora_from_flags(model, args.lora_rank, args.lora_alpha):
         model.out_head.requires_grad_(True)  # the new head is random: it must train in full
     elif not args.train_all and args.init != "scratch":  # random weights hold nothing worth keeping frozen
         model.requires_grad_(False)

@@ -18,7 +18,7 @@ from modules.datasets.instructions import (ALPACA_URL, SPLIT_ORDERS, Instruction
                                            split_instruction_data)
 from modules.download import add_download_args
 from modules.errors import check_flag, run_main
-from modules.lora import apply_lora
+from modules.lora import add_lora_args, lora_from_flags
 from modules.loss import IGNORE_INDEX
 from modules.presets import Preset, parse_with_presets
 from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
@@ -88,13 +88,9 @@ def parse_args():
                       help="cut examples to this many tokens (default and maximum: the model's context size)")
     data.add_argument("--mask-prompt", action="store_true", help="train on the response tokens only, not on the prompt")
     model = add_init_args(parser, init="124M")
-    model.add_argument("--lora-rank", type=int, default=0,
-                       help="train rank-r LoRA adapters on a frozen model instead of every weight; 0 for full "
-                            "fine-tuning (default: %(default)s). They are merged into the weights when saved")
-    model.add_argument("--lora-alpha", type=float, default=None,
-                       help="LoRA scale: the update is multiplied by alpha / rank (default: the rank, a scale of 1)")
     model.add_argument("--sample-tokens", type=int, default=64,
                        help="tokens of the answer shown at each evaluation, 0 for none (default: %(default)s)")
+    add_lora_args(parser)
     add_training_args(parser, epochs=2, batch_size=8, lr=5e-5, eval_interval=100, eval_batches=5,
                       out="checkpoints/instruct.pt")
     return parse_with_presets(parser, {"original": ORIGINAL})
@@ -122,11 +118,7 @@ def main():
         max_length = args.max_length or context_size
         check_flag("max_length", max_length, lambda length: 1 < length <= context_size,
                    f"between 2 and the model's context size {context_size}")
-        check_flag("lora_rank", args.lora_rank, lambda rank: rank >= 0, ">= 0 (0 for full fine-tuning)")
-        lora_alpha = args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)
-        if args.lora_rank:
-            check_flag("lora_alpha", lora_alpha, lambda alpha: alpha > 0, "> 0")
-            apply_lora(model, args.lora_rank, lora_alpha)
+        lora = lora_from_flags(model, args.lora_rank, args.lora_alpha)
 
         train_set, val_set, test_set = (InstructionDataset(part) for part in (train_entries, val_entries, test_entries))
         # What evaluate_responses.py needs to rebuild the same test set.
@@ -135,7 +127,7 @@ def main():
                      "seed": args.seed, "fractions": list(fractions), "split_order": args.split_order,
                      "records": len(entries), "sha256": file_sha256(data_path)},
             "max_length": max_length, "mask_prompt": args.mask_prompt,
-            "lora": {"rank": args.lora_rank, "alpha": lora_alpha} if args.lora_rank else None,
+            "lora": lora,
         }
         task = InstructionTask(train_set, val_set, max_length, args.mask_prompt, args.sample_tokens, metadata)
         if process.is_main:

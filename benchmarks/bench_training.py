@@ -32,8 +32,8 @@ from benchmarks.script import (
 from benchmarks.tables import Row
 from modules.errors import run_main
 from modules.speed import auto_dtype, compiled_model, keep_freed_memory
+from modules.speed.precision import mixed_precision
 from modules.training.optimizer import make_optimizer
-from modules.training.schedule import autocast_context
 
 TARGET_MFU = 0.85  # float32
 TARGET_LOW_PRECISION_SPEEDUP = 2.0  # bfloat16 autocast against float32, where bfloat16 is native
@@ -80,7 +80,7 @@ def make_step(model, device, inputs, targets, dtype_name="float32"):
     forward pass under the autocast of --dtype `dtype_name`."""
     model.train()
     optimizer = make_optimizer(model, lr=3e-4, weight_decay=0.1, device=device)
-    autocast, _ = autocast_context(dtype_name, device)
+    autocast, _ = mixed_precision(dtype_name, device)
 
     def step():
         with autocast:

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from .errors import check_flag
+
 # The Linear layers of a transformer block; the embeddings and the (tied) output head stay as they are.
 LORA_TARGETS = ("qkv_proj", "out_proj", "expand", "project")
 
@@ -53,6 +55,31 @@ def apply_lora(model, rank, alpha):
                 if name in LORA_TARGETS and isinstance(child, nn.Linear):
                     setattr(parent, name, LoRALinear(child, rank, alpha))
     return model
+
+
+def add_lora_args(parser):
+    """--lora-rank and --lora-alpha: one interface for every fine-tuning script."""
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--lora-rank", type=int, default=0,
+                       help="train rank-r LoRA adapters on every Linear of the transformer blocks, with the "
+                            "blocks' weights frozen, instead of the weights themselves; 0 for none (default: "
+                            "%(default)s). The adapters are merged into the weights when saved; a classifier's new "
+                            "head trains in full")
+    group.add_argument("--lora-alpha", type=float, default=None,
+                       help="LoRA scale: the update is multiplied by alpha / rank (default: the rank, a scale of 1)")
+    return group
+
+
+def lora_from_flags(model, rank, alpha):
+    """--lora-rank and --lora-alpha applied to `model` (nothing for rank 0); returns the settings taken,
+    {"rank", "alpha"} or None, for the checkpoint. A flag out of range ends in one line naming it."""
+    check_flag("lora_rank", rank, lambda value: value >= 0, ">= 0 (0 for no LoRA)")
+    check_flag("lora_alpha", alpha, lambda value: value > 0, "> 0")
+    if not rank:
+        return None
+    alpha = float(rank) if alpha is None else alpha
+    apply_lora(model, rank, alpha)
+    return {"rank": rank, "alpha": alpha}
 
 
 def has_lora(model):

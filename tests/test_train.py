@@ -114,29 +114,24 @@ def test_the_sample_is_drawn_with_a_fixed_seed_and_lands_in_the_metrics(tmp_path
     assert json.loads((tmp_path / "again.metrics.json").read_text())["sample"] == first["sample"]
 
 
-def test_max_time_plans_the_steps_that_fit(monkeypatch):
-    from modules.training import time_budget
+def test_max_time_plans_the_steps_that_fit():
+    from modules.training.plan import steps_that_fit
 
-    class FakeTrainer:
-        eval_interval, step_limit = 10, 1000
-        process = type("Process", (), {"is_main": False})()
-
-    monkeypatch.setattr(time_budget, "_rehearse", lambda trainer: (0.1, 1.0))
     # n steps of 0.1 s with an evaluation of 1 s every 10 steps and at the end: 45 * 0.1 + 5 * 1 = 9.5 s <= 10 s.
-    assert time_budget.plan_steps(FakeTrainer(), 10.0) == 45
-    FakeTrainer.step_limit = 20
-    assert time_budget.plan_steps(FakeTrainer(), 10.0) == 20  # --max-steps / --epochs still bound it
+    assert steps_that_fit(10.0, 0.1, 1.0, eval_interval=10, step_limit=1000) == 45
+    assert steps_that_fit(10.0, 0.1, 1.0, eval_interval=10, step_limit=20) == 20  # --max-steps / --epochs still bound it
+    assert steps_that_fit(1.0, 5.0, 1.0, eval_interval=10, step_limit=20) == 1  # always at least one step
 
 
 def test_resume_under_max_time_keeps_the_plan_and_repeats_the_losses(tmp_path, small_corpus, micro_config, monkeypatch):
     import train
-    from modules.training import time_budget
+    from modules.training import loop
     from modules.training.loop import Trainer
 
     script, *args = map(str, micro_train_args(small_corpus, micro_config, tmp_path / "whole.pt", "--max-time", "60",
                                               "--eval-interval", "3", "--lr", "1e-2"))
-    # Steps of 0.5 s and an evaluation of 1 s every 3 steps and at the end: 60 s hold 70 steps.
-    monkeypatch.setattr(time_budget, "_rehearse", lambda trainer: (0.5, 1.0))
+    # Whatever the machine's pace, 70 steps are planned.
+    monkeypatch.setattr(loop, "steps_that_fit", lambda seconds, *measured: 70)
     train.main(args)
     whole = read_checkpoint(tmp_path / "whole.last.pt")["train_state"]["progress"]
     assert whole["planned_steps"] == 70 == len(whole["step_losses"])
@@ -146,14 +141,14 @@ def test_resume_under_max_time_keeps_the_plan_and_repeats_the_losses(tmp_path, s
         patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.progress.step == 40)
         with pytest.raises(KeyboardInterrupt):
             train.main(cut)
-    monkeypatch.setattr(time_budget, "_rehearse", lambda trainer: pytest.fail("a resumed run must not plan again"))
+    monkeypatch.setattr(Trainer, "measured_pace", lambda self: pytest.fail("a resumed run must not plan again"))
     train.main([*cut, "--resume"])
     resumed = read_checkpoint(tmp_path / "cut.last.pt")["train_state"]["progress"]
     assert [loss for *_, loss in resumed["step_losses"]] == pytest.approx([loss for *_, loss in whole["step_losses"]], abs=1e-6)
 
 
 def test_learning_rate_warms_up_then_decays_or_stays():
-    from modules.training.schedule import learning_rate_factor
+    from modules.training.plan import learning_rate_factor
 
     assert [learning_rate_factor(step, 4, 100) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert learning_rate_factor(99, 4, 100) == pytest.approx(0.1, abs=1e-3)  # cosine down to a tenth

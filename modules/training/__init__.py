@@ -1,13 +1,14 @@
 """Training: the one loop every training script shares, and what it needs around it.
 
-    loop.py              train() and the Trainer: forward, loss, backward, clip, step, evaluate, save
+    loop.py              train() and the Trainer: the choices before training, then each step in order
+                         (learning rate, micro-batches, forward, loss, backward, clip, update), evaluate, save
+    plan.py              what each step trains on and at which learning rate; the steps --max-time fits
     task.py              TrainingTask: what a script trains (data, loss, metrics, samples, checkpoint entries)
     settings.py          TrainingSettings: the shared flags as one checked object
     starting_weights.py  --init: random weights, OpenAI's GPT-2, or a checkpoint
     startup.py           the start and end of every training script
     distributed.py       several processes under torchrun
     optimizer.py         AdamW with weight decay on matrices only
-    schedule.py          warmup + cosine learning rate; mixed precision
     resume.py            what --resume needs, saved in the last checkpoint
     interrupt.py         Ctrl-C: finish the step, save, stop
     reports.py           the metrics file and the loss plot beside the checkpoint

@@ -1,16 +1,26 @@
 """The one training loop, used by train.py, fine_tune_classifier.py and fine_tune_instructional.py.
 
-Each step: the step's samples, forward pass and loss, backward pass, gradient clipping, optimizer step.
-Every `eval_interval` steps: evaluate on training and validation batches, keep the best model, save the
-last state (for --resume) and the reports. A script describes what it trains with a TrainingTask.
+A run, in the order of this file:
 
-Batches are the same whatever the number of processes: `batch_size` is the global batch of one optimizer
-step. Each step draws its samples from a seeded permutation of the training set; each process takes its
-share and accumulates gradients over micro-batches until its share is done.
+1. Before the first step, the choices that shape the run, each printed on one line with its reason
+   (Trainer.make_choices): the precision, the loss function (compiled where that pays back within the
+   run), and with --max-time the number of steps that fit.
+2. Each optimizer step (Trainer.train_step, read top to bottom): the learning rate of this step; this
+   process's micro-batches of the step's samples; for each, the forward pass under autocast, the loss
+   and the backward pass (under DDP, gradients are averaged across processes on the last micro-batch
+   only); gradient clipping; the optimizer step.
+3. Every `eval_interval` steps and after the last: evaluation on training and validation batches, the
+   best model and the last state (for --resume) saved, the metrics file and the loss plot written.
+
+A script says what it trains with a TrainingTask (task.py: data, loss, metrics, sample, checkpoint
+entries). Which samples and which learning rate each step gets follows from the step number alone
+(plan.py), so a resumed run repeats the steps of an uninterrupted one.
 """
 import math
+import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -19,14 +29,16 @@ from ..checkpoint import read_checkpoint, save_checkpoint
 from ..errors import UserError
 from ..files import exclusive_output
 from ..lora import merge_lora
-from ..speed import compiled_model, describe_precision, keep_freed_memory
-from .batches import BatchPlan
+from ..speed.compilation import compiled_model, fastest_loss
+from ..speed.memory import keep_freed_memory
+from ..speed.precision import describe_precision, mixed_precision
 from .interrupt import StopRequest
 from .optimizer import make_optimizer
+from .plan import BatchPlan, default_warmup_steps, learning_rate_factor, steps_that_fit
 from .reports import last_checkpoint_path, plot_path, plot_training, write_metrics
-from .resume import Progress, restore_train_state, train_state
-from .schedule import autocast_context, learning_rate_factor
-from .time_budget import plan_steps
+from .resume import restore_train_state, train_state
+
+REHEARSAL_STEPS = 3  # --max-time: step 0's gradients computed this often to time a step; the first warms up
 
 
 def train(model, task, settings, process):
@@ -38,14 +50,28 @@ def train(model, task, settings, process):
     return trainer
 
 
+@dataclass
+class Progress:
+    """How far a run has got, and what it measured on the way: the loop's state besides the weights and
+    the optimizer's, saved in the last checkpoint for --resume."""
+
+    step: int = 0
+    planned_steps: int | None = None  # with --max-time: the steps that fit, fixed before the first step
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    step_losses: list = field(default_factory=list)  # (step, tokens seen, training loss) of every step
+    evaluations: list = field(default_factory=list)  # one dict per evaluation
+    last_sample: str | None = None  # the task's sample text at the last evaluation
+
+
 class Trainer:
-    """One training run: its model, optimizer and schedule, and how far it has got."""
+    """One training run: its model, optimizer, precision and batches, and how far it has got."""
 
     def __init__(self, model, task, settings, process):
         self.task, self.settings, self.process = task, settings, process
         self.batches = BatchPlan(len(task.train_set), settings.batch_size, settings.micro_batch_size, process.rank,
                                  process.world_size, settings.seed)
-        # The steps the flags allow; with --max-time, run() plans the steps that fit in the time.
+        # The steps the flags allow; with --max-time, make_choices plans the steps that fit in the time.
         self.step_limit = settings.max_steps or settings.epochs * self.batches.steps_per_epoch
         self.eval_interval = settings.eval_interval or self.batches.steps_per_epoch
 
@@ -53,79 +79,197 @@ class Trainer:
         if process.device.type == "cpu":
             keep_freed_memory()  # a fifth faster on CPU: each step reuses the last one's pages
         self.optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay, process.device)
-        self.autocast, self.scaler = autocast_context(settings.dtype, process.device)
-        if process.is_main:
-            tqdm.write(describe_precision(settings.dtype, process.device))
+        self.autocast, self.scaler = mixed_precision(settings.dtype, process.device)
         self.data_signature = {"global_batch": settings.batch_size, "train_samples": len(task.train_set)}
         self.progress = Progress()
         if settings.resume:
-            self.progress = restore_train_state(last_checkpoint_path(settings.out), task.kind, self.model,
-                                                self.optimizer, self.scaler, self.data_signature, process.device)
-            if self.progress.step >= self.total_steps:
-                done = (f"the {self.progress.step} steps its --max-time planned; start a new run to train further"
-                        if self.progress.planned_steps else
-                        f"{self.progress.step} steps; raise --max-steps or --epochs to continue")
-                raise UserError(f"{last_checkpoint_path(settings.out)} has already trained {done}")
-        self.training_model = compiled_model(self.model) if settings.compile else self.model
-        if process.world_size > 1:
-            device_ids = [process.device.index] if process.device.type == "cuda" else None
-            self.training_model = torch.nn.parallel.DistributedDataParallel(self.training_model, device_ids=device_ids)
+            self.progress = self.resumed_progress()
+        self.training_model = self.model_for_training()
 
-    # ---------------------------------------------------------------- one step
+    def model_for_training(self):
+        """The model the steps run: compiled with --compile, wrapped in DDP across processes, which
+        averages the gradients during the backward pass. The weights stay those of self.model."""
+        model = compiled_model(self.model) if self.settings.compile else self.model
+        if self.process.world_size > 1:
+            device_ids = [self.process.device.index] if self.process.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return model
+
     @property
     def total_steps(self):
         return self.progress.planned_steps or self.step_limit
 
+    @property
+    def warmup_steps(self):
+        given = self.settings.warmup_steps
+        return given if given is not None else default_warmup_steps(self.total_steps)
+
+    # ---------------------------------------------------------------- 1. before the first step
+    def make_choices(self):
+        """The choices made before training, each one printed line saying what was chosen and why."""
+        self.say(describe_precision(self.settings.dtype, self.process.device))
+        planning = self.settings.max_time and self.progress.planned_steps is None
+        if planning:
+            step_seconds, evaluation_seconds = self.measured_pace()
+            steps = steps_that_fit(self.settings.max_time, step_seconds, evaluation_seconds, self.eval_interval,
+                                   self.step_limit)
+        seconds_saved = self.choose_loss_function(calls=(steps if planning else self.total_steps) * self.batches.accumulation)
+        if planning:  # the plan again, at the pace of the loss chosen
+            step_seconds -= seconds_saved * self.batches.accumulation
+            self.progress.planned_steps = steps_that_fit(self.settings.max_time, step_seconds, evaluation_seconds,
+                                                         self.eval_interval, self.step_limit)
+            self.say(f"steps: {self.progress.planned_steps:,} fit in --max-time {self.settings.max_time:g} s, at "
+                     f"{step_seconds:.3f} s a step and {evaluation_seconds:.1f} s an evaluation")
+
+    def choose_loss_function(self, calls):
+        """The task's loss function or its compiled form, whichever pays for `calls` calls here on the logits
+        of one micro-batch (modules/speed/compilation.py); returns the seconds it saves a call. The model
+        runs in eval mode, without gradients: no dropout, so the random generators do not move."""
+        batch = self.batch(self.task.train_set, self.batches.micro_batches(0)[0])
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            logits, targets = self.task.logits_and_targets(self.model, batch)
+        self.model.train()
+        choice = fastest_loss(self.task.loss_function, logits, targets, calls)
+        self.task.loss_function = choice.function
+        self.say(choice.reason)
+        return max(0.0, self.process.all_reduce_max(torch.tensor(choice.seconds_saved, dtype=torch.float64,
+                                                                 device=self.process.device)).item())
+
+    def measured_pace(self):
+        """(seconds per step, seconds per evaluation) here, for --max-time, at the pace of the slowest
+        process. A step: its gradients computed REHEARSAL_STEPS times without an update (weights, optimizer
+        and random generators are left as they were; the first warms up). An evaluation: its forward
+        passes, a third of a step's micro-batch each (the backward pass costs twice the forward), and the
+        sample, timed once."""
+        cpu_random = torch.get_rng_state()
+        cuda_random = torch.cuda.get_rng_state(self.process.device) if self.process.device.type == "cuda" else None
+        timings = []
+        for _ in range(REHEARSAL_STEPS):
+            started = time.perf_counter()
+            self.accumulate_gradients(0)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.process.device.type == "cuda":
+                torch.cuda.synchronize(self.process.device)
+            timings.append(time.perf_counter() - started)
+        step_seconds = statistics.mean(timings[1:])
+        started = time.perf_counter()
+        if self.process.is_main:
+            self.model.eval()
+            self.task.sample(self.model)
+            self.model.train()
+        sample_seconds = time.perf_counter() - started
+        torch.set_rng_state(cpu_random)
+        if cuda_random is not None:
+            torch.cuda.set_rng_state(cuda_random, self.process.device)
+        forward_passes = sum(math.ceil(min(self.settings.eval_batches, math.ceil(len(dataset) / self.batches.micro_batch))
+                                       / self.process.world_size) for dataset in (self.task.train_set, self.task.val_set))
+        evaluation_seconds = forward_passes * step_seconds / self.batches.accumulation / 3 + sample_seconds
+        measured = torch.tensor([step_seconds, evaluation_seconds], dtype=torch.float64, device=self.process.device)
+        return tuple(self.process.all_reduce_max(measured).tolist())
+
+    # ---------------------------------------------------------------- 2. one step
     def train_step(self):
         """One optimizer step over the global batch; returns (mean loss, tokens trained on by all processes)."""
-        warmup = self.settings.warmup_steps if self.settings.warmup_steps is not None else max(1, self.total_steps // 20)
+        step = self.progress.step
+        # The learning rate of this step: warmup, then the schedule's decay (plan.py).
+        lr = self.settings.lr * learning_rate_factor(step, self.warmup_steps, self.total_steps, self.settings.lr_schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.settings.lr * learning_rate_factor(self.progress.step, warmup, self.total_steps,
-                                                                  self.settings.lr_schedule)
-        total_loss, tokens = self.forward_backward(self.progress.step)
+            group["lr"] = lr
+        # Forward and backward passes over this process's samples of the step.
+        loss, tokens = self.accumulate_gradients(step)
+        # Clipping: the gradient norm at most grad_clip. A float16 GradScaler's gradients are scaled up;
+        # unscaled first, so that the norm is the true one.
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.settings.grad_clip)
+            self.clip_gradients(self.settings.grad_clip)
+        # The update; the scaler skips it when a gradient overflowed, and adjusts its scale.
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = self.process.all_reduce_sum(total_loss).item() / self.process.world_size
+        # The step's loss, the mean over all processes; the tokens, summed.
+        loss_value = self.process.all_reduce_sum(loss).item() / self.process.world_size
         tokens *= self.process.world_size
         self.progress.step += 1
         self.progress.tokens_seen += tokens
         self.progress.step_losses.append((self.progress.step, self.progress.tokens_seen, loss_value))
         return loss_value, tokens
 
-    def forward_backward(self, step):
-        """Gradients of this process's share of step `step`'s samples, micro-batch by micro-batch; returns
-        (the mean loss as a tensor, tokens)."""
+    def accumulate_gradients(self, step):
+        """The gradients of this process's share of step `step`'s samples, added up micro-batch by
+        micro-batch; returns (the share's mean loss, a tensor, and its tokens)."""
+        micro_batches = self.batches.micro_batches(step)
         total_loss = torch.zeros((), device=self.process.device)
         tokens = 0
-        micro_batches = self.batches.micro_batches(step)
-        for micro_step, indices in enumerate(micro_batches):
-            batch = self._batch(self.task.train_set, indices)
-            last = micro_step == len(micro_batches) - 1
-            # DDP averages gradients across processes after every backward; between micro-batches of
-            # one step that communication is wasted, so only the last backward synchronises.
-            sync = nullcontext() if last or self.process.world_size == 1 else self.training_model.no_sync()
-            with sync:
+        for index, indices in enumerate(micro_batches):
+            batch = self.batch(self.task.train_set, indices)
+            with self.gradient_sync(last=index == len(micro_batches) - 1):
                 with self.autocast:
+                    # Each micro-batch's mean loss counts for its share, so the gradients add up to the
+                    # gradient of the whole share's mean.
                     loss = self.task.loss(self.training_model, batch) / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total_loss += loss.detach()
             tokens += self.task.num_tokens(batch)
         return total_loss, tokens
 
-    def _batch(self, dataset, indices):
+    def gradient_sync(self, last):
+        """DDP averages the gradients across processes after every backward pass; between the
+        micro-batches of one step that communication is wasted, so only the last one synchronises."""
+        return nullcontext() if last or self.process.world_size == 1 else self.training_model.no_sync()
+
+    def clip_gradients(self, max_norm):
+        """Scale the gradients down so that their norm over all trained parameters is at most max_norm."""
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm)
+
+    def batch(self, dataset, indices):
+        """The samples `indices` of `dataset`, collated by the task and moved to this process's device."""
         batch = self.task.collate([dataset[i] for i in indices])
         return {key: value.to(self.process.device, non_blocking=True) if torch.is_tensor(value) else value
                 for key, value in batch.items()}
 
-    # ---------------------------------------------------------------- evaluation
+    # ---------------------------------------------------------------- the run
+    def run(self):
+        self.make_choices()
+        self.training_model.train()
+        progress_bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
+                            disable=not self.process.is_main, dynamic_ncols=True)
+        with StopRequest() as stop:
+            while self.progress.step < self.total_steps:
+                started = time.perf_counter()
+                loss, tokens = self.train_step()
+                progress_bar.update()
+                progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                         tokens_per_s=f"{tokens / (time.perf_counter() - started):,.0f}")
+                if self.progress.step % self.eval_interval == 0 or self.progress.step == self.total_steps:
+                    self.evaluate_and_save()
+                if self._stop_requested(stop):
+                    self._save_and_stop(progress_bar)
+        progress_bar.close()
+
+    def _stop_requested(self, stop):
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.process.device)
+        return self.process.all_reduce_sum(flag).item() > 0
+
+    def _save_and_stop(self, progress_bar):
+        if self.process.is_main:
+            self.save(last_checkpoint_path(self.settings.out), resumable=True)
+            self.write_reports()
+            progress_bar.close()
+            tqdm.write(f"interrupted after step {self.progress.step}: saved {last_checkpoint_path(self.settings.out)}; "
+                       "run the same command with --resume to continue")
+        raise KeyboardInterrupt
+
+    def say(self, line):
+        """A line for the user, from the main process only."""
+        if self.process.is_main:
+            tqdm.write(line)
+
+    # ---------------------------------------------------------------- 3. evaluation
     @torch.no_grad()
     def evaluate(self, dataset, max_batches=None):
         """{metric: mean} over the first `max_batches` micro-batches of `dataset` (all if None), shared out
@@ -138,7 +282,7 @@ class Trainer:
         sums = {name: [0.0, 0] for name in self.task.metric_names}
         for batch_index in range(self.process.rank, batches, self.process.world_size):
             start = batch_index * self.batches.micro_batch
-            batch = self._batch(dataset, range(start, min(start + self.batches.micro_batch, len(dataset))))
+            batch = self.batch(dataset, range(start, min(start + self.batches.micro_batch, len(dataset))))
             with self.autocast:
                 for name, (total, count) in self.task.metrics(self.model, batch).items():
                     sums[name][0] += total
@@ -162,7 +306,7 @@ class Trainer:
             self.model.train()
         return record, sample
 
-    def _evaluate_and_save(self):
+    def evaluate_and_save(self):
         record, sample = self.evaluation()
         self.progress.evaluations.append(record)
         improved = record["val_loss"] < self.progress.best_val_loss
@@ -175,12 +319,13 @@ class Trainer:
             self.progress.last_sample = sample
             tqdm.write("sample:\n    " + sample.replace("\n", "\n    "))
         if improved:
-            self._save(self.settings.out, resumable=False)
-        self._save(last_checkpoint_path(self.settings.out), resumable=True)
+            self.save(self.settings.out, resumable=False)
+        self.save(last_checkpoint_path(self.settings.out), resumable=True)
         self.write_reports()
 
     # ---------------------------------------------------------------- checkpoints and reports
-    def _save(self, path, resumable):
+    def save(self, path, resumable):
+        """The model at `path`; with `resumable`, also everything --resume needs (resume.py)."""
         extra = {**self.task.checkpoint_metadata(), "step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                  "val_loss": self.progress.evaluations[-1]["val_loss"] if self.progress.evaluations else None,
                  "training_settings": self.settings.as_dict()}
@@ -188,6 +333,20 @@ class Trainer:
             extra["train_state"] = train_state(self.model, self.optimizer, self.scaler, self.progress,
                                                self.data_signature, self.process.device)
         save_checkpoint(path, self.model, self.task.kind, **extra)
+
+    def resumed_progress(self):
+        """--resume: the weights, optimizer, scaler and random generators of the last checkpoint put in
+        place (resume.py); returns the run's Progress there."""
+        path = last_checkpoint_path(self.settings.out)
+        progress = Progress(**restore_train_state(path, self.task.kind, self.model, self.optimizer, self.scaler,
+                                                  self.data_signature, self.process.device))
+        progress.step_losses = [tuple(entry) for entry in progress.step_losses]
+        self.say(f"resuming from {path} at step {progress.step}")
+        if progress.step >= (progress.planned_steps or self.step_limit):
+            done = (f"the {progress.step} steps its --max-time planned; start a new run to train further"
+                    if progress.planned_steps else f"{progress.step} steps; raise --max-steps or --epochs to continue")
+            raise UserError(f"{path} has already trained {done}")
+        return progress
 
     def load_best(self):
         """Put the weights of the best checkpoint (lowest validation loss) into the model, for a final
@@ -209,40 +368,3 @@ class Trainer:
         write_metrics(self.settings.out, metrics)
         plot_training(plot_path(self.settings.out), self.progress.step_losses, self.progress.evaluations)
         return metrics
-
-    # ---------------------------------------------------------------- run
-    def run(self):
-        self.model.eval()
-        with self.autocast:
-            self.task.choose_loss_function(self.model, self._batch(self.task.train_set, self.batches.micro_batches(0)[0]))
-        self.training_model.train()
-        if self.settings.max_time and self.progress.planned_steps is None:
-            self.progress.planned_steps = plan_steps(self, self.settings.max_time)
-        progress_bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
-                            disable=not self.process.is_main, dynamic_ncols=True)
-        with StopRequest() as stop:
-            while self.progress.step < self.total_steps:
-                started = time.perf_counter()
-                loss, tokens = self.train_step()
-                progress_bar.update()
-                progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                         tokens_per_s=f"{tokens / (time.perf_counter() - started):,.0f}")
-                if self.progress.step % self.eval_interval == 0 or self.progress.step == self.total_steps:
-                    self._evaluate_and_save()
-                if self._stop_requested(stop):
-                    self._save_and_stop(progress_bar)
-        progress_bar.close()
-
-    def _stop_requested(self, stop):
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.process.device)
-        return self.process.all_reduce_sum(flag).item() > 0
-
-    def _save_and_stop(self, progress_bar):
-        if self.process.is_main:
-            self._save(last_checkpoint_path(self.settings.out), resumable=True)
-            self.write_reports()
-            progress_bar.close()
-            tqdm.write(f"interrupted after step {self.progress.step}: saved {last_checkpoint_path(self.settings.out)}; "
-                       "run the same command with --resume to continue")
-        raise KeyboardInterrupt
-

@@ -4,32 +4,17 @@ Besides the weights: the optimizer's moments, the GradScaler's scale, the random
 dropout masks are those an uninterrupted run would draw), and the run's progress. The batches and the
 learning rate need nothing more: they follow from the seed, the step number and the planned steps.
 """
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
-from tqdm import tqdm
 
 from ..checkpoint import read_checkpoint
 from ..errors import UserError
 from ..lora import lora_state_dict
 
 
-@dataclass
-class Progress:
-    """How far a run has got, and what it measured on the way."""
-
-    step: int = 0
-    planned_steps: int | None = None  # with --max-time: the steps that fit, fixed before the first step
-    tokens_seen: int = 0
-    best_val_loss: float = math.inf
-    step_losses: list = field(default_factory=list)  # (step, tokens seen, training loss) of every step
-    evaluations: list = field(default_factory=list)  # one dict per evaluation
-    last_sample: str | None = None  # the task's sample text at the last evaluation
-
-
 def train_state(model, optimizer, scaler, progress, data_signature, device):
-    """The entries a resumable checkpoint adds to the weights."""
+    """The entries a resumable checkpoint adds to the weights; `progress` is the loop's Progress."""
     return {
         "optimizer_state_dict": optimizer.state_dict(),
         "scaler_state_dict": scaler.state_dict() if scaler else None,
@@ -44,7 +29,8 @@ def train_state(model, optimizer, scaler, progress, data_signature, device):
 
 
 def restore_train_state(path, kind, model, optimizer, scaler, data_signature, device):
-    """Load the state saved at `path` into the model, optimizer and scaler; return the Progress."""
+    """Load the state saved at `path` into the model, optimizer, scaler and random generators; returns the
+    run's progress there, as a dict of the loop's Progress fields."""
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist (it is written at each evaluation); "
                         "drop --resume to start afresh")
@@ -68,7 +54,4 @@ def restore_train_state(path, kind, model, optimizer, scaler, data_signature, de
     torch.set_rng_state(state["rng_state"])
     if state["cuda_rng_state"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng_state"], device)
-    progress = Progress(**state["progress"])
-    progress.step_losses = [tuple(entry) for entry in progress.step_losses]
-    tqdm.write(f"resuming from {path} at step {progress.step}")
-    return progress
+    return state["progress"]

@@ -1,59 +1,91 @@
 """The settings of a training run: the flags every training script shares, as one typed object.
 
-Each script adds the flags with its own defaults (add_training_args), then builds TrainingSettings from
-what was parsed; the checks happen there, once, so a number out of range ends in one line naming the
-flag (`--lr must be > 0, not -1.0`), never in a traceback from deep inside the optimizer.
+Each setting is written once, as a field of TrainingSettings: its type, its default, its range and its
+help. add_training_args makes the argparse flags from the fields (a script may change a default), and
+TrainingSettings checks the ranges when it is built, so a number out of range ends in one line naming
+the flag (`--lr must be > 0, not -1.0`), never in a traceback from deep inside the optimizer.
 """
-from dataclasses import asdict, dataclass, fields
+import types
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UserError, check_flag
+from ..speed.precision import DTYPES
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("cosine", "constant")
+
+
+def setting(default, help, *, valid=None, must_be=None, choices=None, metavar=None):
+    """A field of TrainingSettings and the flag it stands for: `help` (argparse's, %(default)s allowed);
+    `valid(value)` with `must_be` saying what it checks, or `choices`."""
+    return field(default=default, metadata={"help": help, "valid": valid, "must_be": must_be, "choices": choices,
+                                            "metavar": metavar})
+
+
+def at_least_one(value):
+    return value >= 1
+
+
+def not_negative(value):
+    return value >= 0
+
+
+def positive(value):
+    return value > 0
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    out: Path
-    epochs: int = 1
-    max_steps: int | None = None
-    max_time: float | None = None
-    batch_size: int = 8
-    micro_batch_size: int | None = None
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    warmup_steps: int | None = None
-    lr_schedule: str = "cosine"
-    grad_clip: float = 1.0
-    eval_interval: int | None = None
-    eval_batches: int = 10
-    dtype: str = "auto"
-    compile: bool = False
-    seed: int = 123
-    device: str | None = None
-    resume: bool = False
+    epochs: int = setting(1, "passes over the training set (default: %(default)s)", valid=at_least_one, must_be=">= 1")
+    max_steps: int | None = setting(None, "optimizer steps to run; wins over --epochs", valid=at_least_one,
+                                    must_be=">= 1")
+    max_time: float | None = setting(
+        None, "train for this long (start-up excluded), at most --max-steps or --epochs: the steps that fit are "
+              "planned before the first one, for the learning-rate schedule", valid=positive, must_be="> 0 seconds",
+        metavar="SECONDS")
+    batch_size: int = setting(8, "samples per optimizer step, summed over all processes (default: %(default)s)",
+                              valid=at_least_one, must_be=">= 1")
+    micro_batch_size: int | None = setting(
+        None, "samples per forward pass and process; smaller values trade speed for memory through gradient "
+              "accumulation (default: the whole share of a process)", valid=at_least_one, must_be=">= 1")
+    lr: float = setting(3e-4, "peak learning rate (default: %(default)s)", valid=positive, must_be="> 0")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices (default: %(default)s)", valid=not_negative,
+                                  must_be=">= 0 (0 turns it off)")
+    warmup_steps: int | None = setting(None, "linear warmup before the cosine decay (default: 5%% of the steps)",
+                                       valid=not_negative, must_be=">= 0 (0 turns it off)")
+    lr_schedule: str = setting("cosine", "after the warmup: cosine decay to a tenth of --lr at the last step, or "
+                                         "constant (default: %(default)s)", choices=LR_SCHEDULES)
+    grad_clip: float = setting(1.0, "max gradient norm, 0 to disable (default: %(default)s)", valid=not_negative,
+                               must_be=">= 0 (0 turns it off)")
+    eval_interval: int | None = setting(None, "evaluate (and save) every N steps (default: once per epoch, and at "
+                                              "the end)", valid=at_least_one, must_be=">= 1")
+    eval_batches: int = setting(10, "batches of the training and validation sets per evaluation (default: "
+                                    "%(default)s)", valid=at_least_one, must_be=">= 1")
+    dtype: str = setting("auto", "precision of the matrix products (autocast): auto is bfloat16 where the GPU or "
+                                 "CPU computes it natively (AMX, AVX512-BF16), else float32 (default: %(default)s)",
+                         choices=DTYPES)
+    compile: bool = setting(False, "torch.compile the model (faster steps on a GPU, slow start)")
+    seed: int = setting(123, "random seed (default: %(default)s)")
+    device: str | None = setting(None, "cuda, mps or cpu (default: the best available)")
+    out: Path = setting(Path("checkpoints/model.pt"), "checkpoint to write (default: %(default)s)")
+    resume: bool = setting(False, "continue from the last checkpoint beside --out")
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        at_least_one = ("epochs", "max_steps", "batch_size", "micro_batch_size", "eval_interval", "eval_batches")
-        for name in at_least_one:
-            check_flag(name, getattr(self, name), lambda value: value >= 1, ">= 1")
-        check_flag("lr", self.lr, lambda value: value > 0, "> 0")
-        check_flag("max_time", self.max_time, lambda value: value > 0, "> 0 seconds")
-        for name in ("weight_decay", "warmup_steps", "grad_clip"):
-            check_flag(name, getattr(self, name), lambda value: value >= 0, ">= 0 (0 turns it off)")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        for setting_field in fields(self):
+            value, meta = getattr(self, setting_field.name), setting_field.metadata
+            if meta["valid"]:
+                check_flag(setting_field.name, value, meta["valid"], meta["must_be"])
+            if meta["choices"] and value not in meta["choices"]:
+                raise UserError(f"--{flag_name(setting_field)} must be one of {', '.join(meta['choices'])}, "
+                                f"not {value!r}")
 
     @classmethod
     def from_args(cls, args):
         """The settings among an argparse Namespace's attributes (add_training_args's flags). A script's
         default --max-time applies when neither --max-time nor --max-steps is given: a number of steps
         asks for the same run on every machine."""
-        values = {field.name: getattr(args, field.name) for field in fields(cls)}
+        values = {setting_field.name: getattr(args, setting_field.name) for setting_field in fields(cls)}
         if values["max_time"] is None and values["max_steps"] is None:
             values["max_time"] = args.default_max_time
         return cls(**values)
@@ -63,41 +95,36 @@ class TrainingSettings:
         return {**asdict(self), "out": str(self.out)}
 
 
-def add_training_args(parser, *, epochs=1, max_time=None, batch_size=8, lr=3e-4, eval_interval=None, eval_batches=10,
-                      weight_decay=0.1, out="checkpoints/model.pt"):
-    """The flags every training script shares; each script picks its own defaults."""
+def add_training_args(parser, **defaults):
+    """The flags of TrainingSettings, with a script's own defaults, e.g. `add_training_args(parser, lr=1e-3)`.
+    A default --max-time applies only when --max-steps is not given either (TrainingSettings.from_args)."""
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=epochs, help="passes over the training set (default: %(default)s)")
-    group.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run; wins over --epochs")
-    group.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
-                       help="train for this long (start-up excluded), at most --max-steps or --epochs: the steps "
-                            "that fit are planned before the first one, for the learning-rate schedule"
-                            + (f" (default: {max_time:g} unless --max-steps is given)" if max_time else ""))
-    parser.set_defaults(default_max_time=max_time)  # applied by TrainingSettings.from_args
-    group.add_argument("--batch-size", type=int, default=batch_size,
-                       help="samples per optimizer step, summed over all processes (default: %(default)s)")
-    group.add_argument("--micro-batch-size", type=int, default=None,
-                       help="samples per forward pass and process; smaller values trade speed for memory "
-                            "through gradient accumulation (default: the whole share of a process)")
-    group.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
-    group.add_argument("--weight-decay", type=float, default=weight_decay,
-                       help="AdamW weight decay on matrices (default: %(default)s)")
-    group.add_argument("--warmup-steps", type=int, default=None,
-                       help="linear warmup before the cosine decay (default: 5%% of the steps)")
-    group.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
-                       help="after the warmup: cosine decay to a tenth of --lr at the last step, or constant "
-                            "(default: %(default)s)")
-    group.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 to disable (default: %(default)s)")
-    group.add_argument("--eval-interval", type=int, default=eval_interval,
-                       help="evaluate (and save) every N steps (default: once per epoch, and at the end)")
-    group.add_argument("--eval-batches", type=int, default=eval_batches,
-                       help="batches of the training and validation sets per evaluation (default: %(default)s)")
-    group.add_argument("--dtype", choices=DTYPES, default="auto",
-                       help="precision of the matrix products (autocast): auto is bfloat16 where the GPU or CPU "
-                            "computes it natively (AMX, AVX512-BF16), else float32 (default: %(default)s)")
-    group.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps, slow start)")
-    group.add_argument("--seed", type=int, default=123, help="random seed (default: %(default)s)")
-    group.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    group.add_argument("--out", type=Path, default=Path(out), help="checkpoint to write (default: %(default)s)")
-    group.add_argument("--resume", action="store_true", help="continue from the last checkpoint beside --out")
+    default_max_time = defaults.pop("max_time", None)
+    parser.set_defaults(default_max_time=default_max_time)
+    unknown = set(defaults) - {setting_field.name for setting_field in fields(TrainingSettings)}
+    if unknown:
+        raise TypeError(f"add_training_args: no such setting {sorted(unknown)}")
+    for setting_field in fields(TrainingSettings):
+        meta = setting_field.metadata
+        default = defaults.get(setting_field.name, setting_field.default)
+        help_text = meta["help"]
+        if setting_field.name == "max_time" and default_max_time:
+            help_text += f" (default: {default_max_time:g} unless --max-steps is given)"
+        if setting_field.type is bool:
+            group.add_argument(f"--{flag_name(setting_field)}", action="store_true", help=help_text)
+            continue
+        group.add_argument(f"--{flag_name(setting_field)}", type=value_type(setting_field), default=default,
+                           choices=meta["choices"], metavar=meta["metavar"], help=help_text)
     return group
+
+
+def flag_name(setting_field):
+    return setting_field.name.replace("_", "-")
+
+
+def value_type(setting_field):
+    """int for `int` and `int | None`: what argparse converts the flag's text with."""
+    if isinstance(setting_field.type, types.UnionType):
+        return next(kind for kind in setting_field.type.__args__ if kind is not type(None))
+    return setting_field.type
+

@@ -1,9 +1,7 @@
 """TrainingTask: what a script trains, in the terms the training loop needs."""
-import torch
 from torch.utils.data import default_collate
 
 from ..loss import next_token_loss
-from ..speed import fastest_loss
 
 
 class TrainingTask:
@@ -29,14 +27,6 @@ class TrainingTask:
     def loss(self, model, batch):
         """Mean loss of a batch (what is minimised)."""
         return self.loss_function(*self.logits_and_targets(model, batch))
-
-    def choose_loss_function(self, model, batch):
-        """Before training: keep loss_function or its compiled form, whichever is faster here for the
-        logits of a batch like `batch` (modules/speed/compilation.py). Called under the run's autocast,
-        with the model in eval mode (no dropout: the random generators must not move)."""
-        with torch.no_grad():
-            logits, targets = self.logits_and_targets(model, batch)
-        self.loss_function = fastest_loss(self.loss_function, logits, targets)
 
     def metrics(self, model, batch):
         """{name: (sum, count)} of a batch for evaluation; averaged over all evaluated batches."""
