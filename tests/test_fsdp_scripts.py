@@ -61,7 +61,7 @@ def test_the_fine_tuning_scripts_train_under_fsdp_with_lora_and_activation_check
                                         for i in range(1, 60)]))
     torchrun("fine_tune_instructional.py", "--data", instructions, "--init", "scratch", "--config", micro_config,
              "--out", tmp_path / "instruct.pt", "--batch-size", "4", "--eval-batches", "1", "--max-steps", "3",
-             "--parallel", "fsdp", "--activation-checkpointing", "--lora-rank", "4")
+             "--max-time", "600", "--parallel", "fsdp", "--activation-checkpointing", "--lora-rank", "4")
     assert open_checkpoint(tmp_path / "instruct.pt", kinds=("instruct",)).metadata["step"] == 3  # merged: a plain model
     assert "test_loss" in json.loads((tmp_path / "instruct.metrics.json").read_text())
 
