@@ -66,8 +66,9 @@ def free_port():
 
 
 @contextlib.contextmanager
-def served_app(folder, log_path):
+def served_app(folder, log_path, started=None):
     """`streamlit run app.py` on a free port over the checkpoints in `folder`; yields its URL, stops it after.
+    The server's Popen is appended to the list `started`, if given, for a test that watches the process.
 
     It runs in the folder above `folder`, so that the page names the checkpoints as a user's app would
     (`checkpoints/pretrained.pt`)."""
@@ -81,6 +82,8 @@ def served_app(folder, log_path):
             cwd=folder.parent, stdout=log, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
+        if started is not None:
+            started.append(server)
         try:
             wait_until_healthy(url, server, log_path)
             yield url
