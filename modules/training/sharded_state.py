@@ -93,8 +93,9 @@ def read_train_state(folder, config):
     folder = Path(folder)
     latest = folder / LATEST
     if not latest.is_file():
-        raise UserError(f"nothing to resume: {folder} holds no complete training state (it is written at each "
-                        "evaluation); drop --resume to start afresh")
+        raise UserError(f"nothing to resume: {folder} holds no complete training state (--parallel fsdp writes it "
+                        "at each evaluation; --parallel ddp writes a .last.pt file instead): resume with the --parallel "
+                        "the run had, or drop --resume to start afresh")
     state_folder = folder / latest.read_text().strip()
     try:
         train_state = torch.load(state_folder / TRAIN_STATE, map_location="cpu", weights_only=True)
