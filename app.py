@@ -17,13 +17,9 @@ import functools
 import itertools
 import re
 import sys
-import threading
-from collections import OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
-import torch
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from app_pages.inside_the_model import show_classifier_inside, show_language_model_inside
@@ -32,7 +28,10 @@ from modules.classification import classifier_settings, classify
 from modules.device import get_device
 from modules.errors import UserError, check_flag
 from modules.generation import stream_text
-from modules.speed import add_generation_dtype_arg, prepare_for_generation
+from modules.model_shelf import ModelShelf, check_fits_in_memory, out_of_memory
+from modules.speed import add_generation_args, compiled_decoding, generation_dtype, prepare_for_generation
+from modules.speed.compiled_generation import compiled_decoding_if_any
+from modules.tokenizer import encode, get_tokenizer
 from modules.datasets.instructions import format_prompt
 
 # Sampling makes a small pretrained model read better; instruction tuning is judged on greedy answers,
@@ -56,7 +55,7 @@ def build_parser():
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--max-models", type=int, default=2,
                         help="models the server holds at once, shared by all sessions (default: %(default)s)")
-    add_generation_dtype_arg(parser)
+    add_generation_args(parser)
     return parser
 
 
@@ -78,82 +77,31 @@ def checkpoint_kind(path, mtime_ns):
         return None
 
 
-class ModelShelf:
-    """The models the server holds, shared by every session: each loaded once, at most `limit` at once.
-
-    A session's run borrows a model for as long as it uses it. To load another, the least recently used
-    model no run is using makes room; when every place holds a model in use, the request is refused with
-    a message for the page rather than loading one more (which could take the memory the others need)."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.lock = threading.Lock()  # guards places; loading happens outside it, so the others go on
-        self.places = OrderedDict()  # key -> _Place, least recently used first
-
-    @contextmanager
-    def borrow(self, key, load, name):
-        """The model `key` stands for, loaded with load() on first use; `name` names it in messages."""
-        with self.lock:
-            if key not in self.places:
-                self._make_room(name)
-                self.places[key] = _Place(name)
-            place = self.places[key]
-            place.users += 1
-            self.places.move_to_end(key)
-        try:
-            with place.loading:  # the first run loads it; a run that asks meanwhile waits for that one
-                if place.model is None:
-                    place.model = load()
-            yield place.model
-        finally:
-            with self.lock:
-                place.users -= 1
-                if place.model is None and not place.users:  # its load failed: the place is free again
-                    self.places.pop(key, None)
-
-    def _make_room(self, name):
-        if len(self.places) < self.limit:
-            return
-        idle = [key for key, place in self.places.items() if not place.users]
-        if not idle:
-            held = ", ".join(place.name for place in self.places.values())
-            raise UserError(f"the server already holds {self.limit} models, all in use by other sessions ({held}), so it "
-                            f"cannot load {name} now: pick one of those, or try again in a moment (the server's "
-                            "--max-models allows more)")
-        del self.places[idle[0]]
-
-
-class _Place:
-    def __init__(self, name):
-        self.name, self.model, self.users, self.loading = name, None, 0, threading.Lock()
-
-
 @st.cache_resource
 def model_shelf(limit):
     """The one ModelShelf of this server, whichever session asks."""
     return ModelShelf(limit)
 
 
-def available_memory():
-    """Bytes of memory the machine can give without swapping (Linux's MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def load_model(path, device, dtype_name):
+def load_model(path, device, dtype_name, compiled=False):
     """The checkpoint at `path` (a LoadedCheckpoint: model, kind, metadata), checked first to fit in the
-    free memory (its file is about its weights' size); shared by all sessions (read-only after this)."""
-    needed, available = path.stat().st_size, available_memory()
-    if available is not None and needed > available:
-        raise UserError(f"{path.name} needs about {needed / 2**20:,.0f} MiB of memory and the server has "
-                        f"{available / 2**20:,.0f} MiB free: pick a smaller checkpoint, or free memory on the server")
+    free memory; shared by all sessions (read-only after this)."""
+    check_fits_in_memory(path)
     with st.spinner("Loading the model..."):
         loaded = open_checkpoint(path, device=device, kinds=KINDS)
-        prepare_for_generation(loaded.model, dtype_name)
+        prepare_for_generation(loaded.model, dtype_name, compiled)
     return loaded
+
+
+def stream_answer(model, prompt, settings):
+    """stream_text(model, prompt, **settings) with the compiled decoding step once it is built for this
+    length (in the background, meanwhile the eager step answers); a caption says which one answered."""
+    decoding = compiled_decoding_if_any(model)  # None without --compile
+    tokens = len(encode(prompt, get_tokenizer())) + settings["max_new_tokens"]
+    compiled = decoding is not None and decoding.ready_or_build_in_background(1, tokens)
+    st.caption("Answered by the compiled decoding step." if compiled else "Answered by the eager step"
+               + ("; the compiled one is being built." if decoding and not decoding.failed else "."))
+    return stream_text(model, prompt, **settings, compiled=compiled)
 
 
 def plain_text_as_markdown(text):
@@ -247,7 +195,7 @@ def complete_text(checkpoint):
                              lambda: show_language_model_inside(model, prompt, settings, "lm"))
     if tab:
         with tab, st.container(border=True, key="output"):
-            pieces = itertools.chain([prompt], stream_text(model, prompt, **settings))
+            pieces = itertools.chain([prompt], stream_answer(model, prompt, settings))
             st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
@@ -265,7 +213,7 @@ def follow_instruction(checkpoint):
             with st.expander("The prompt the model sees"):
                 st.text(prompt)
             with st.container(border=True, key="output"):
-                st.write_stream(plain_text_as_markdown(piece) for piece in stream_text(model, prompt, **settings))
+                st.write_stream(plain_text_as_markdown(piece) for piece in stream_answer(model, prompt, settings))
 
 
 def detect_spam(checkpoint):
@@ -303,9 +251,10 @@ def main():
     try:
         check_flag("max_models", args.max_models, lambda limit: limit >= 1, ">= 1")
         device = get_device(args.device)
-        key = (str(path), path.stat().st_mtime_ns, str(device), args.dtype)
-        with model_shelf(args.max_models).borrow(key, lambda: load_model(path, device, args.dtype), path.name) as loaded:
-            show_model(loaded, path, device)
+        key = (str(path), path.stat().st_mtime_ns, str(device), args.dtype, args.compile)
+        with model_shelf(args.max_models).borrow(key, lambda: load_model(path, device, args.dtype, args.compile),
+                                                path.name) as loaded:
+            show_model(loaded, path, device, args.compile)
     except UserError as error:  # CheckpointError included: the other checkpoints stay usable
         st.error(str(error))
     except Exception as error:
@@ -315,18 +264,13 @@ def main():
                  "are generating (the other sessions go on)")
 
 
-def out_of_memory(error):
-    """Whether `error` is an allocation that failed: Python's, a GPU's, or torch's on the CPU (a RuntimeError)."""
-    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
-            or isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
-
-
-def show_model(loaded, path, device):
+def show_model(loaded, path, device, compile_step=False):
     model = loaded.model
     parameters = sum(parameter.numel() for parameter in model.parameters())
     st.header(TITLES[loaded.kind])
-    dtype = str(model.token_embedding.weight.dtype).removeprefix("torch.")
-    st.caption(f"`{path}` · {loaded.kind} · {parameters / 1e6:.1f}M parameters · {device} · {dtype}")
+    st.caption(f"`{path}` · {loaded.kind} · {parameters / 1e6:.1f}M parameters · {device} · {generation_dtype(model)}")
+    if compile_step and loaded.kind in GENERATION_DEFAULTS:  # a prompt of up to 64 tokens, the default length
+        compiled_decoding(model).ready_or_build_in_background(1, 64 + GENERATION_DEFAULTS[loaded.kind]["max_new_tokens"])
     PAGES[loaded.kind](loaded)
 
 

@@ -26,7 +26,7 @@ from modules.errors import UserError, run_main
 from modules.files import exclusive_output
 from modules.presets import Preset, parse_with_presets
 from modules.results import ResumableResults
-from modules.speed import add_generation_dtype_arg, prepare_for_generation
+from modules.speed import add_generation_args, generation_dtype, prepare_for_generation
 from modules.tokenizer import get_tokenizer
 
 
@@ -55,7 +55,7 @@ def parse_args():
     parser.add_argument("--out", type=Path, default=Path("evaluation/responses.json"),
                         help="the JSON list of answers to write (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    add_generation_dtype_arg(parser)
+    add_generation_args(parser)
     args = parse_with_presets(parser, {"original": ORIGINAL})
     if args.num < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--num, --batch-size and --max-new-tokens must be at least 1")
@@ -102,7 +102,8 @@ def answer_test_records(model, selected, settings, args, generator):
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start:start + args.batch_size]
             responses = generate_responses(model, [selected[index] for index in batch], args.max_new_tokens,
-                                           args.temperature, args.top_k, args.top_p, generator)
+                                           args.temperature, args.top_k, args.top_p, generator,
+                                           compiled=args.compile)
             answers.record({index: {**selected[index], "model_response": response, "generation": settings}
                             for index, response in zip(batch, responses)})
             bar.update(len(batch))
@@ -113,7 +114,7 @@ def main():
     args = parse_args()
     device = get_device(args.device)
     tuned = open_checkpoint(args.checkpoint, device, kinds=("instruct",))
-    model = prepare_for_generation(tuned.model, args.dtype)
+    model = prepare_for_generation(tuned.model, args.dtype, args.compile)
     test = held_out_test_records(args.checkpoint, tuned.metadata, args.data)
     selected = test[:args.num]
     if args.num > len(test):
@@ -124,7 +125,7 @@ def main():
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_k": args.top_k if sampling else None, "top_p": args.top_p if sampling else None,
                 "seed": args.seed if sampling else None,
-                "dtype": str(model.token_embedding.weight.dtype).removeprefix("torch.")}
+                "dtype": generation_dtype(model)}
     generator = torch.Generator(device=device).manual_seed(args.seed) if sampling else None
     with exclusive_output(args.out):
         kept = answer_test_records(model, selected, settings, args, generator)

@@ -23,11 +23,11 @@ from modules.generation import stream_text
 # load_gpt2 stays importable from this script, where the original kept its loader (under other names:
 # download_and_load_gpt2_weights and load_weights_to_model, which this project does not provide).
 from modules.pretrained import BASE_URL, MODEL_SIZES, download_gpt2, load_gpt2, load_gpt2_from_hf
-from modules.speed import add_generation_dtype_arg, prepare_for_generation
+from modules.speed import add_generation_args, prepare_for_generation
 from modules.tokenizer import END_OF_TEXT_ID
 
 
-def print_sample(model, prompt, max_new_tokens):
+def print_sample(model, prompt, max_new_tokens, compiled=False):
     """Print a greedy continuation of `prompt`, so the user sees that the weights work."""
     if max_new_tokens <= 0:
         return
@@ -35,7 +35,7 @@ def print_sample(model, prompt, max_new_tokens):
         print(f"(no sample: the model's {model.config['vocab_size']} tokens are not GPT-2's vocabulary)")
         return
     print(f"Greedy continuation:\n{prompt}", end="", flush=True)
-    for piece in stream_text(model, prompt, max_new_tokens):
+    for piece in stream_text(model, prompt, max_new_tokens, compiled=compiled):
         print(piece, end="", flush=True)
     print()
 
@@ -58,7 +58,7 @@ def parse_args():
     parser.add_argument("--prompt", default="Every effort moves you", help="text to continue after loading")
     parser.add_argument("--max-new-tokens", type=int, default=25, help="length of the sample (0: none)")
     parser.add_argument("--device", help="where to run the sample: cuda, mps, cpu (default: the best available)")
-    add_generation_dtype_arg(parser)
+    add_generation_args(parser)
     return parser.parse_args()
 
 
@@ -83,7 +83,7 @@ def main():
     if args.save:
         save_checkpoint(args.save, model, "lm", source=str(source))
         print(f"Saved {args.save}; start other scripts from it with --init {args.save}")
-    print_sample(prepare_for_generation(model.to(device), args.dtype), args.prompt, args.max_new_tokens)
+    print_sample(prepare_for_generation(model.to(device), args.dtype, args.compile), args.prompt, args.max_new_tokens, args.compile)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import codecs
 
 import torch
 
-from .inference import KVCache, next_token_logits
+from .inference import KVCache, StaticKVCache, decode_step, next_token_logits
 from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -40,13 +40,15 @@ def pick_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=N
 
 @torch.inference_mode()
 def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                  eos_token_id=None, generator=None, attention_mask=None, use_cache=True):
+                  eos_token_id=None, generator=None, attention_mask=None, use_cache=True, compiled=False):
     """Yield the next token of every sequence, a (batch,) tensor per step.
 
     input_ids: (batch, tokens). Prompts longer than the context are cropped to their last tokens.
     attention_mask: (batch, tokens), False on the left padding of shorter prompts in a batch.
     eos_token_id: a sequence that produced it keeps producing it; the stream stops when all have.
     generator: a torch.Generator for reproducible sampling.
+    compiled: a static KV cache and the decoding step compiled once per shape (modules/speed/compiled_generation.py);
+        the first call with a new batch size or cache length compiles, or finds the result on disk.
     """
     if temperature < 0:
         raise ValueError("temperature must be >= 0 (0 is greedy)")
@@ -55,7 +57,13 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
     if attention_mask is not None:
         attention_mask = attention_mask[:, -context_size:].bool()
     batch = tokens.shape[0]
-    kv_cache = KVCache.for_model(model, batch) if use_cache else None
+    kv_cache, step = None, decode_step
+    if compiled:
+        from .speed.compiled_generation import compiled_decoding
+
+        kv_cache, step = StaticKVCache.for_model(model, batch, tokens.shape[1] + max_new_tokens), compiled_decoding(model).step
+    elif use_cache:
+        kv_cache = KVCache.for_model(model, batch)
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     for _ in range(max_new_tokens):
         if tokens.shape[1] > context_size:
@@ -65,7 +73,7 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
             attention_mask = None if attention_mask is None else attention_mask[:, -context_size:]
             if kv_cache is not None:
                 kv_cache.clear()
-        logits = next_token_logits(model, tokens, attention_mask, kv_cache)
+        logits = next_token_logits(model, tokens, attention_mask, kv_cache, step)
         next_token = pick_next_token(logits, temperature, top_k, top_p, generator)
         if eos_token_id is not None:
             next_token = next_token.masked_fill(finished, eos_token_id)
@@ -79,20 +87,21 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
 
 
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
-             generator=None, attention_mask=None, use_cache=True):
+             generator=None, attention_mask=None, use_cache=True, compiled=False):
     """The input ids followed by up to `max_new_tokens` new ones, (batch, tokens + new).
 
-    Generation ends early when every sequence has produced `eos_token_id` (which is kept).
+    Generation ends early when every sequence has produced `eos_token_id` (which is kept). Arguments as
+    stream_tokens's.
     """
     new_tokens = list(stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                                    eos_token_id, generator, attention_mask, use_cache))
+                                    eos_token_id, generator, attention_mask, use_cache, compiled))
     if not new_tokens:
         return input_ids
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
 
 def stream_text(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-                stop_at_end_of_text=True):
+                stop_at_end_of_text=True, compiled=False):
     """Yield the continuation of `prompt` as text pieces as soon as they are generated (for the app).
 
     A character can span several tokens (emoji, accented letters), so bytes are decoded incrementally
@@ -106,7 +115,8 @@ def stream_text(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_
         generator = torch.Generator(device=device).manual_seed(seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     eos = END_OF_TEXT_ID if stop_at_end_of_text else None
-    for token in stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, generator):
+    for token in stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, generator,
+                               compiled=compiled):
         token_id = token.item()
         if token_id == eos:
             break

@@ -3,6 +3,8 @@ import torch
 
 from modules import GPTModel, GPT_CONFIGS, generation
 from modules.generation import generate, stream_text, stream_tokens
+from modules.inference import KVCache, StaticKVCache, cache_slots, next_token_logits
+from modules.speed import compiled_decoding
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -86,3 +88,37 @@ def test_stream_text_of_an_empty_prompt_starts_from_end_of_text(model):
     new_ids = generate(model, torch.tensor([[END_OF_TEXT_ID]]), 5)[0, 1:].tolist()
     new_bytes = b"".join(get_tokenizer().decode_single_token_bytes(token_id) for token_id in new_ids)
     assert "".join(stream_text(model, "", 5, stop_at_end_of_text=False)) == new_bytes.decode("utf-8", errors="replace")
+
+
+def padded_batch():
+    """Two prompts of 4 and 9 tokens, the shorter padded on the left, and their attention mask."""
+    short, long = torch.randint(0, 50257, (1, 4)), torch.randint(0, 50257, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1), long])
+    mask = torch.ones_like(batch, dtype=torch.bool)
+    mask[0, :5] = False
+    return batch, mask
+
+
+def test_the_static_cache_gives_the_growing_caches_logits(model):
+    batch, mask = padded_batch()
+    tokens, caches = batch, (KVCache.for_model(model, 2), StaticKVCache.for_model(model, 2, 9 + 12))
+    with torch.inference_mode():
+        for _ in range(12):
+            growing, static = (next_token_logits(model, tokens, mask, cache) for cache in caches)
+            torch.testing.assert_close(static, growing)
+            tokens = torch.cat([tokens, growing.argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+
+
+def test_the_static_cache_length_comes_in_buckets():
+    assert [cache_slots(tokens, 1024) for tokens in (1, 128, 129, 320, 1024, 5000)] == [128, 128, 256, 512, 1024, 1024]
+    assert cache_slots(100, 32) == 32  # never more than the context
+
+
+def test_compiled_greedy_equals_eager(model):
+    # One shape (batch 2, the context's 32 slots), compiled once for the whole test: about 30 s on 2 cores.
+    batch, mask = padded_batch()
+    compiled = generate(model, batch, 30, attention_mask=mask, compiled=True)  # past the context too
+    assert torch.equal(compiled, generate(model, batch, 30, attention_mask=mask))
+    assert compiled_decoding(model).is_ready(2, 32)
+    assert not compiled_decoding(model).failed

@@ -61,6 +61,9 @@ def test_surprise_is_the_training_loss_of_each_token_in_bits(inspection):
     targets = torch.tensor([inspection.token_ids[1:]])
     loss = next_token_loss(inspection.logits[None, :-1], targets)
     torch.testing.assert_close(bits.mean() * math.log(2), loss)
+    # Each token's own: -log2 of the probability the model gave it at the position before.
+    probabilities = inspection.logits[:-1].softmax(dim=-1)[torch.arange(len(bits)), targets[0]]
+    torch.testing.assert_close(bits, -probabilities.log2())
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.5),

@@ -113,7 +113,7 @@ def test_the_spam_preset_writes_the_originals_splits(tmp_path, micro_config):
         assert ours["label"].map({"ham": 0, "spam": 1}).tolist() == original["Label"].tolist(), name
     assert [len(part) for part in originals] == [1045, 149, 300]
 
-    # The figures the README gives: how the two ways of reading the quotes differ.
+    # The figures docs/results.md gives: how the two ways of reading the quotes differ.
     literal, like_pandas = read_messages(path), read_messages(path, quoting="pandas")
     assert (len(literal), len(like_pandas)) == (5574, 5572)
     assert len(set(like_pandas["text"]) - set(literal["text"])) == 53

@@ -1,6 +1,9 @@
 """The speed machinery (modules/speed/, modules/training/optimizer.py) computes what the plain versions compute."""
 import copy
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -8,7 +11,9 @@ import torch
 from modules import GPTModel, GPT_CONFIGS
 from modules.generation import generate
 from modules.training.optimizer import make_optimizer
-from modules.speed import use_fastest_linear_kernels
+from modules.speed import generation_dtype, prepare_for_generation, use_fastest_linear_kernels
+from modules.speed.int8 import Int8Linear
+from tests.conftest import run_script
 from modules.speed import kernels
 
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 32}
@@ -138,3 +143,55 @@ def test_the_loss_is_compiled_only_where_it_pays(monkeypatch):
 
     monkeypatch.setattr(compilation.torch, "compile", no_compiler)
     assert compilation.fastest_loss(slow_loss, logits, targets, calls=1).function is slow_loss
+
+GREEDY_COMMAND = """
+import torch
+from modules import GPTModel, GPT_CONFIGS
+from modules.generation import generate
+from modules.speed import prepare_for_generation
+torch.manual_seed(0)
+model = prepare_for_generation(GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 64}).eval(), "auto", compiled=True)
+print(generate(model, torch.randint(0, 50257, (1, 8)), 40, compiled=True)[0, 8:].tolist())
+"""
+
+
+def test_ten_runs_of_one_greedy_command_give_the_same_tokens(tmp_path):
+    # The first run compiles; the nine others, three at a time beside
+    # a busy loop, must find all of it on disk: a choice timed afresh on a busy machine could differ.
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compiled")}
+    first = run_script("-c", GREEDY_COMMAND, env=env)
+    assert "Compiled the decoding step" in first.stderr
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            later = list(pool.map(lambda _: run_script("-c", GREEDY_COMMAND, env=env), range(9)))
+    finally:
+        busy.kill()
+        busy.wait()
+    assert all("from the on-disk cache" in run.stderr for run in later), later[0].stderr
+    tokens = {run.stdout.strip().splitlines()[-1] for run in [first, *later]}
+    assert len(tokens) == 1 and len(eval(tokens.pop())) == 40
+
+
+def test_int8_weights_are_the_float_weights_rounded_per_row():
+    linear = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        linear.weight[0] *= 100  # a row of large weights must not cost the other rows their precision
+    quantized = Int8Linear(linear)
+    dequantized = quantized.weight.float() * quantized.scales[:, None]
+    assert quantized.weight.dtype == torch.int8 and quantized.scales.shape == (8,)
+    assert torch.all((dequantized - linear.weight).abs() <= quantized.scales[:, None] / 2 + 1e-7)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(quantized(x), torch.nn.functional.linear(x, dequantized, linear.bias))
+
+
+def test_int8_generation_keeps_most_greedy_tokens():
+    torch.manual_seed(0)
+    model = GPTModel(CONFIG).eval()
+    prompt = torch.randint(0, 50257, (4, 8))
+    with torch.inference_mode():
+        reference = model(prompt)
+        int8 = prepare_for_generation(copy.deepcopy(model), "int8")
+        assert generation_dtype(int8) == "int8" and not any(type(m) is torch.nn.Linear for m in int8.modules())
+        agreement = (int8(prompt).argmax(-1) == reference.argmax(-1)).float().mean()
+    assert agreement >= 0.9

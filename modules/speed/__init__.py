@@ -4,7 +4,10 @@ The model's files (attention, layer_norm, feed_forward, transformer, model) comp
 else. Each piece here is applied explicitly by the code that wants it, says what it gains and where that
 was measured, and is taken on a machine only where it is faster there:
 
-- kernels: for generation on the CPU, the faster of two linear kernels, measured at first use
+- compiled_generation: generation's decoding step compiled whole over a static KV cache (the generating
+  entry points, generate(..., compiled=True));
+- int8: int8 weights with a scale per row, made at load time (--dtype int8);
+- kernels: for eager generation on the CPU, the faster of a few linear kernels, measured at first use
   (the generation entry points);
 - memory: glibc keeps freed memory for reuse (the training loop, on the CPU);
 - precision: bfloat16 where the machine computes it natively (--dtype auto: training and generation);
@@ -12,29 +15,48 @@ was measured, and is taken on a machine only where it is faster there:
   with --compile (the training loop).
 """
 from .compilation import compiled_model, fastest_loss
+from .compiled_generation import COMPILE_CACHE, compiled_decoding
+from .int8 import Int8Linear, quantize_int8
 from .kernels import use_fastest_linear_kernels
 from .memory import keep_freed_memory
 from .precision import auto_dtype, describe_precision, resolve_dtype
 
 
-GENERATION_DTYPES = ("auto", "float32", "bfloat16")
+GENERATION_DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 
-def add_generation_dtype_arg(parser):
-    """The --dtype flag of the scripts that generate; its value goes to prepare_for_generation."""
+def add_generation_args(parser):
+    """The --dtype and --compile flags of the scripts that generate (for prepare_for_generation and
+    generate(..., compiled=args.compile))."""
     parser.add_argument("--dtype", choices=GENERATION_DTYPES, default="auto",
                         help="precision of the weights while generating: auto is bfloat16 where the GPU or CPU "
-                             "computes it natively (AMX, AVX512-BF16), else float32 (default: %(default)s)")
+                             "computes it natively (AMX, AVX512-BF16), else float32; int8: int8 matrices with a "
+                             "scale per row, made at load time (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decoding step over a static KV cache (minutes the first time; later "
+                             f"processes find it in {COMPILE_CACHE}); on a 2-core AMD EPYC it was not yet faster "
+                             "than the eager step (benchmarks/README.md)")
 
 
-def prepare_for_generation(model, dtype_name="auto"):
+def prepare_for_generation(model, dtype_name="auto", compiled=False):
     """The model as the generating code paths run it (the app, evaluate_responses.py, get_gpt_weights.py's
     sample, the benchmarks): its weights in the dtype --dtype `dtype_name` stands for (auto: bfloat16 where
-    the machine computes it natively, which halves the bytes each generated token reads) and the linear
-    kernels measured fastest. Changes `model` in place and returns it."""
-    dtype = resolve_dtype(dtype_name, model.token_embedding.weight.device)
-    return use_fastest_linear_kernels(model.to(dtype))
+    the machine computes it natively, which halves the bytes each generated token reads; int8: a quarter
+    of float32's, modules/speed/int8.py) and, unless it is to run `compiled` (generate(..., compiled=True)),
+    the linear kernels measured fastest. Changes `model` in place and returns it."""
+    if dtype_name == "int8":
+        return quantize_int8(model)
+    model = model.to(resolve_dtype(dtype_name, model.token_embedding.weight.device))
+    return model if compiled else use_fastest_linear_kernels(model)
 
 
-__all__ = ["GENERATION_DTYPES", "add_generation_dtype_arg", "auto_dtype", "compiled_model", "describe_precision",
-           "fastest_loss", "keep_freed_memory", "prepare_for_generation", "resolve_dtype", "use_fastest_linear_kernels"]
+def generation_dtype(model):
+    """The --dtype a prepared model runs in, as a name: "int8", or its weights' dtype."""
+    if any(isinstance(module, Int8Linear) for module in model.modules()):
+        return "int8"
+    return str(model.token_embedding.weight.dtype).removeprefix("torch.")
+
+
+__all__ = ["COMPILE_CACHE", "GENERATION_DTYPES", "add_generation_args", "auto_dtype", "compiled_decoding",
+           "compiled_model", "describe_precision", "fastest_loss", "generation_dtype", "keep_freed_memory",
+           "prepare_for_generation", "quantize_int8", "resolve_dtype", "use_fastest_linear_kernels"]

@@ -20,7 +20,8 @@ So nothing is assumed: the first time a weight shape meets a number of rows (rou
 two), each kernel runs a few times on that input and the fastest is kept for the rest of the process. A
 product that takes longer than MAX_MEASURED_SECONDS is computing, not streaming, and keeps PyTorch's
 kernel without a measurement, so that measuring stays short. oneDNN's kernels have no backward pass, so
-with gradients (training) F.linear always runs.
+with gradients (training) F.linear always runs, and so it does in a graph torch.compile traces (the
+compiled decoding step of modules/speed/compiled_generation.py).
 """
 import statistics
 import threading
@@ -78,8 +79,8 @@ class MeasuredLinear(nn.Linear):
     """nn.Linear whose forward, without gradients on the CPU, runs the kernel measured fastest for its shape."""
 
     def forward(self, x):
-        if torch.is_grad_enabled() or x.device.type != "cpu" or not ONEDNN_AVAILABLE:
-            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() or x.device.type != "cpu" or not ONEDNN_AVAILABLE or torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)  # under torch.compile the compiler picks the kernel
         return fastest_kernel(self, x)(self, x)
 
 

@@ -1,0 +1,146 @@
+"""Generation's decoding step compiled whole, as gpt-fast does it: one program per batch size and cache length.
+
+At batch 1 a generated token reads every weight once, and the eager step spends much of its time not in
+those reads but around them: a Python call, a dispatch and a temporary tensor for each of the ~20 small
+operations of every layer. With a StaticKVCache every step has the same shapes, so
+torch.compile(fullgraph=True, dynamic=False) turns the whole step into one graph and inductor into one
+program, the element-wise work (and attention's softmax) fused between the matrix products. On CUDA,
+mode="reduce-overhead" replays the step as one CUDA graph.
+
+On the CPU inductor runs with its defaults. Measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), GPT-2
+124M in bfloat16, with freezing (weights folded into the program) and max-autotune (C++ GEMM templates)
+the program was the same (the model is an argument of the step, so its weights stay inputs, which
+freezing does not fold) and the compiling longer; and the compiled step was slower than the eager one
+with the measured kernels of kernels.py (0.6x), which is why the scripts compile only with --compile.
+
+Compiling takes a minute or more; inductor keeps what it built in COMPILE_CACHE (git-ignored), keyed by
+the graph, the torch version and the CPU's instructions, so a second process with the same model shape
+and dtype compiles nothing and runs the program of the first: nothing is chosen by timing, so the same
+command gives the same tokens in every later process, however busy the machine (the prompt's eager
+forward pass runs PyTorch's own kernels too: prepare_for_generation(..., compiled=True) measures none).
+Where compiling is impossible (no C++ compiler, say), the eager step runs instead, with one printed line.
+"""
+import os
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import torch
+
+from ..inference import StaticKVCache, cache_slots, decode_step
+
+COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch-compile"
+_decodings = weakref.WeakKeyDictionary()  # model -> its CompiledDecoding
+
+
+def compiled_decoding(model):
+    """The CompiledDecoding of `model`, made on first use: what it compiled is kept for the process."""
+    if model not in _decodings:
+        _decodings[model] = CompiledDecoding(model)
+    return _decodings[model]
+
+
+def compiled_decoding_if_any(model):
+    """The CompiledDecoding of `model` if something made one (the app with --compile), else None."""
+    return _decodings.get(model)
+
+
+class CompiledDecoding:
+    """decode_step compiled for one model; `step` is its drop-in replacement.
+
+    A shape (batch size, cache slots) met for the first time is compiled right there, unless a background
+    thread (compile_in_background, for the app) is building it: then the eager step answers meanwhile."""
+
+    def __init__(self, model, report=None):
+        self.model = model
+        self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        device = model.token_embedding.weight.device
+        if device.type == "cuda":
+            self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        else:
+            self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+        self.ready, self.building, self.failed = set(), set(), None
+        self.lock = threading.Lock()
+
+    def step(self, model, kv_cache, token, slot):
+        """decode_step(model, kv_cache, token, slot), compiled where it can be."""
+        shape = kv_cache.filled.shape
+        if shape not in self.ready:
+            if self.failed or self.building or not self.build(kv_cache, token, slot):
+                return decode_step(model, kv_cache, token, slot)
+        return self.compiled(model, kv_cache, token, slot)
+
+    def is_ready(self, batch_size, tokens):
+        """Whether the step for `batch_size` sequences of up to `tokens` positions is compiled."""
+        return (batch_size, cache_slots(tokens, self.model.config["context_size"])) in self.ready
+
+    def ready_or_build_in_background(self, batch_size, tokens):
+        """is_ready(batch_size, tokens); when not, the build starts in the background (unless one is under
+        way or compiling failed here), for a later request to find."""
+        if self.is_ready(batch_size, tokens):
+            return True
+        if not self.building and not self.failed:
+            self.compile_in_background(batch_size, tokens)
+        return False
+
+    def build(self, kv_cache, token, slot):
+        """Compile for the shape of these inputs, running the step once on them; whether it worked."""
+        batch, slots = shape = kv_cache.filled.shape
+        with self.lock:
+            if shape in self.ready:
+                return True
+            if self.failed:
+                return False
+            self.building.add(shape)
+            cached_before, start = cached_files(), time.perf_counter()
+            try:
+                self.compiled(self.model, kv_cache, token, slot)
+            except Exception as error:  # torch.compile raises many kinds of errors where it cannot run here
+                self.failed = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+                self.report(f"The decoding step could not be compiled here ({self.failed[:200]}): generating "
+                            "with the eager step.")
+                return False
+            finally:
+                self.building.discard(shape)
+            self.ready.add(shape)
+            seconds, compiled = time.perf_counter() - start, cached_files() - cached_before
+        from . import generation_dtype
+
+        what = f"the decoding step for batch {batch}, {slots} cache slots, {generation_dtype(self.model)}"
+        self.report(f"Compiled {what} in {seconds:.1f} s (kept in {cache_folder()})." if compiled else
+                    f"Loaded {what} from the on-disk cache ({cache_folder()}) in {seconds:.1f} s.")
+        return True
+
+    def compile_in_background(self, batch_size, tokens):
+        """Build the step for `batch_size` sequences of up to `tokens` positions in a daemon thread (the app
+        serves with the eager step meanwhile); returns the thread."""
+        def build():
+            with torch.inference_mode():
+                cache = StaticKVCache.for_model(self.model, batch_size, tokens)
+                token = torch.zeros(batch_size, 1, dtype=torch.long, device=cache.filled.device)
+                self.build(cache, token, torch.zeros(1, dtype=torch.long, device=cache.filled.device))
+
+        self.building.add((batch_size, cache_slots(tokens, self.model.config["context_size"])))
+        thread = threading.Thread(target=build, daemon=True, name="compile-decoding-step")
+        thread.start()
+        return thread
+
+
+def use_project_compile_cache():
+    """Point inductor's on-disk caches at COMPILE_CACHE, unless the user chose a folder
+    (TORCHINDUCTOR_CACHE_DIR). Done on import: inductor fixes its folder the first time anything asks."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+
+
+use_project_compile_cache()
+
+
+def cache_folder():
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def cached_files():
+    """The files in inductor's cache: a compilation adds some, finding it all on disk adds none."""
+    return {path for path in cache_folder().rglob("*") if path.is_file()}

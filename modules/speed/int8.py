@@ -1,0 +1,45 @@
+"""int8 weights for generation (--dtype int8): each matrix stored as int8 with one float scale per row.
+
+At batch 1 a generated token reads every weight once, so its time is the weights' bytes over the memory's
+bandwidth: a quarter of float32's bytes is up to 4x the tokens a second. Each output row (channel) of a
+matrix gets its own scale, max |w| / 127, so that a row of small weights keeps its precision, and zero
+stays exactly zero (symmetric). The activations stay in float32; the product converts the weights on the
+fly, which the compiled decoding step (modules/speed/compiled_generation.py) fuses into the matrix-vector
+product, as in gpt-fast's WeightOnlyInt8Linear. Eager, each call converts a whole matrix first: int8 pays
+only compiled.
+
+Made at load time from any checkpoint: nothing new is saved. The quality it costs is measured in
+benchmarks/README.md (next-token agreement with float32, validation loss).
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with int8 weights and a float scale per output row: y = (x W_int8^T) * scales + bias."""
+
+    def __init__(self, linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x):
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def quantize_int8(model):
+    """Replace every nn.Linear of `model` (in float32) by an Int8Linear of its weights, in place; returns it.
+
+    The head shares its matrix with the token embedding: it gets its own int8 copy, and the embedding,
+    of which a token reads one row, keeps its float32 weights."""
+    model.float()
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8Linear(child))
+    return model
