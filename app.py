@@ -17,13 +17,9 @@ import functools
 import itertools
 import re
 import sys
-import threading
-from collections import OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
-import torch
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from app_pages.inside_the_model import show_classifier_inside, show_language_model_inside
@@ -32,6 +28,7 @@ from modules.classification import classifier_settings, classify
 from modules.device import get_device
 from modules.errors import UserError, check_flag
 from modules.generation import stream_text
+from modules.model_shelf import ModelShelf, check_fits_in_memory, out_of_memory
 from modules.speed import add_generation_args, compiled_decoding, generation_dtype, prepare_for_generation
 from modules.speed.compiled_generation import compiled_decoding_if_any
 from modules.tokenizer import encode, get_tokenizer
@@ -80,78 +77,16 @@ def checkpoint_kind(path, mtime_ns):
         return None
 
 
-class ModelShelf:
-    """The models the server holds, shared by every session: each loaded once, at most `limit` at once.
-
-    A session's run borrows a model for as long as it uses it. To load another, the least recently used
-    model no run is using makes room; when every place holds a model in use, the request is refused with
-    a message for the page rather than loading one more (which could take the memory the others need)."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.lock = threading.Lock()  # guards places; loading happens outside it, so the others go on
-        self.places = OrderedDict()  # key -> _Place, least recently used first
-
-    @contextmanager
-    def borrow(self, key, load, name):
-        """The model `key` stands for, loaded with load() on first use; `name` names it in messages."""
-        with self.lock:
-            if key not in self.places:
-                self._make_room(name)
-                self.places[key] = _Place(name)
-            place = self.places[key]
-            place.users += 1
-            self.places.move_to_end(key)
-        try:
-            with place.loading:  # the first run loads it; a run that asks meanwhile waits for that one
-                if place.model is None:
-                    place.model = load()
-            yield place.model
-        finally:
-            with self.lock:
-                place.users -= 1
-                if place.model is None and not place.users:  # its load failed: the place is free again
-                    self.places.pop(key, None)
-
-    def _make_room(self, name):
-        if len(self.places) < self.limit:
-            return
-        idle = [key for key, place in self.places.items() if not place.users]
-        if not idle:
-            held = ", ".join(place.name for place in self.places.values())
-            raise UserError(f"the server already holds {self.limit} models, all in use by other sessions ({held}), so it "
-                            f"cannot load {name} now: pick one of those, or try again in a moment (the server's "
-                            "--max-models allows more)")
-        del self.places[idle[0]]
-
-
-class _Place:
-    def __init__(self, name):
-        self.name, self.model, self.users, self.loading = name, None, 0, threading.Lock()
-
-
 @st.cache_resource
 def model_shelf(limit):
     """The one ModelShelf of this server, whichever session asks."""
     return ModelShelf(limit)
 
 
-def available_memory():
-    """Bytes of memory the machine can give without swapping (Linux's MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
 def load_model(path, device, dtype_name, compiled=False):
     """The checkpoint at `path` (a LoadedCheckpoint: model, kind, metadata), checked first to fit in the
-    free memory (its file is about its weights' size); shared by all sessions (read-only after this)."""
-    needed, available = path.stat().st_size, available_memory()
-    if available is not None and needed > available:
-        raise UserError(f"{path.name} needs about {needed / 2**20:,.0f} MiB of memory and the server has "
-                        f"{available / 2**20:,.0f} MiB free: pick a smaller checkpoint, or free memory on the server")
+    free memory; shared by all sessions (read-only after this)."""
+    check_fits_in_memory(path)
     with st.spinner("Loading the model..."):
         loaded = open_checkpoint(path, device=device, kinds=KINDS)
         prepare_for_generation(loaded.model, dtype_name, compiled)
@@ -327,12 +262,6 @@ def main():
             raise
         st.error(f"the server ran out of memory for {path.name}; try a shorter text, or again when fewer sessions "
                  "are generating (the other sessions go on)")
-
-
-def out_of_memory(error):
-    """Whether `error` is an allocation that failed: Python's, a GPU's, or torch's on the CPU (a RuntimeError)."""
-    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
-            or isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 def show_model(loaded, path, device, compile_step=False):

@@ -10,6 +10,8 @@ from pathlib import Path
 from .errors import UserError
 
 
+UMASK = os.umask(0o022)  # read once, at import (setting it is the only way to read it), and put back
+os.umask(UMASK)
 # What to do when the operating system refuses a write, by its errno.
 REMEDIES = {
     errno.ENOSPC: "free some space on that disk, or write elsewhere",
@@ -49,6 +51,7 @@ def atomic_file(path, mode="wb", elsewhere="another --out"):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp's file is its owner's alone; the file is as open() makes it
         with os.fdopen(descriptor, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
             yield file
             file.flush()

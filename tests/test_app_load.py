@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 import modules.checkpoint
-from app import GENERATION_DEFAULTS, INSIDE_THE_MODEL, ModelShelf, plain_text_as_markdown
+from app import GENERATION_DEFAULTS, INSIDE_THE_MODEL, plain_text_as_markdown
 from modules.errors import UserError
 from modules.generation import stream_text
+from modules.model_shelf import ModelShelf
 from tests.app_helpers import app_model, save_lm, served_app, start_app
 
 websockets = pytest.importorskip("websockets")
@@ -198,7 +199,7 @@ def test_the_shelf_loads_each_model_once_and_refuses_one_more_while_all_are_in_u
     assert loads == ["a"] and len(set(map(id, models))) == 1  # eight sessions at once, one copy
 
     with shelf.borrow("a", loader("a"), "a.pt"):
-        with pytest.raises(UserError, match=r"already holds 1 models, all in use by other sessions \(a.pt\), "
+        with pytest.raises(UserError, match=r"1 places for models are all in use by other sessions \(a.pt\), "
                                             r"so it cannot load b.pt now"):
             with shelf.borrow("b", loader("b"), "b.pt"):
                 pass

@@ -262,3 +262,14 @@ def test_row21_one_line_jsonl_is_one_record(tmp_path, micro_config):
                         "--out", tmp_path / "i.pt", check=False)
     assert_clear_failure(result, "1 records are too few to split")
     assert "not a list" not in result.stderr
+
+
+# Row 22: the disk fills up while training writes its checkpoints
+def test_row22_a_full_disk_while_training_ends_in_one_line_and_keeps_what_was_written(tmp_path, small_corpus, micro_config):
+    from tests.test_files import small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", "9m") as disk:  # room for one checkpoint of the micro model, not two
+        result = run_script(*train_args(small_corpus, micro_config, disk / "m.pt", "--max-steps", "2"), check=False)
+        assert_clear_failure(result, "m.last.pt: No space left on device; free some space", "(another --out)")
+        assert [path.name for path in disk.iterdir()] == ["m.pt"]  # the best model whole, no temporary file
+        assert read_checkpoint(disk / "m.pt")["kind"] == "lm"

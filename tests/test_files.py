@@ -26,6 +26,8 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_text(path, "one")
     atomic_write_text(path, "two")
     assert path.read_text() == "two" and [p.name for p in path.parent.iterdir()] == ["a.json"]
+    open(tmp_path / "plain", "w").close()
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # readable by whom open() would allow
 
 
 def test_second_writer_refuses_while_the_first_runs_and_stale_locks_are_taken_over(tmp_path):
