@@ -24,11 +24,11 @@ from modules.config import GPT_CONFIGS
 from modules.errors import run_main
 from modules.lora import apply_lora
 from modules.model import GPTModel
-from modules.speed.precision import resolve_dtype
+from modules.speed.precision import mixed_precision, resolve_dtype
 from modules.training.activation_checkpointing import checkpoint_activations
 from modules.training.memory_plan import GB, RunShape, check_fits, memory_per_process, plan_memory
 from modules.training.optimizer import make_optimizer
-from modules.training.schedule import autocast_context
+from modules.training.settings import PARALLEL_CHOICES
 from modules.training.sharding import shard_model
 
 TABLE_SIZES = ("124M", "355M", "774M", "1558M")
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     table.add_argument("--context", type=int, default=1024)
     run = commands.add_parser("run", help="a few training steps in several processes: peak RSS against the plan")
     run.add_argument("--size", default="124M", choices=list(GPT_CONFIGS))
-    run.add_argument("--parallel", choices=("ddp", "fsdp"), default="fsdp")
+    run.add_argument("--parallel", choices=PARALLEL_CHOICES, default="fsdp")
     run.add_argument("--processes", type=int, default=2)
     run.add_argument("--micro-batch-size", type=int, default=2)
     run.add_argument("--context", type=int, default=128)
@@ -104,7 +104,7 @@ def _training_process(rank, port, args, results):
     else:
         training_model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = make_optimizer(model, 1e-4, 0.1, device)
-    autocast, _ = autocast_context(args.dtype, device)
+    autocast, _ = mixed_precision(args.dtype, device)
     for _ in range(args.steps):
         data = torch.randint(0, model.config["vocab_size"], (args.micro_batch_size, args.context + 1))
         with autocast:

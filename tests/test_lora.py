@@ -76,3 +76,45 @@ def test_a_checkpoint_of_a_lora_model_loads_as_a_plain_model(tmp_path):
     loaded = load_checkpoint(tmp_path / "lora.pt")
     ids = torch.randint(0, CONFIG["vocab_size"], (1, 9))
     assert not has_lora(loaded) and (loaded(ids) - model(ids)).abs().max() < 1e-4
+
+
+def test_both_fine_tuning_scripts_read_the_same_lora_flags(monkeypatch):
+    import argparse
+    import sys
+
+    import fine_tune_classifier
+    import fine_tune_instructional
+
+    def lora_flags(parse):
+        monkeypatch.setattr(sys, "argv", ["script"])
+        captured = {}
+        original = argparse.ArgumentParser.parse_args
+
+        def capture(parser, *args, **kwargs):
+            captured.update({action.dest: (action.default, action.help) for action in parser._actions
+                             if action.dest.startswith("lora_")})
+            return original(parser, *args, **kwargs)
+
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        parse()
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
+        return captured
+
+    classifier = lora_flags(fine_tune_classifier.parse_args)
+    assert set(classifier) == {"lora_rank", "lora_alpha"} and classifier["lora_rank"][0] == 0
+    assert classifier == lora_flags(fine_tune_instructional.parse_args)
+
+
+def test_lora_flags_apply_the_rank_and_default_to_a_scale_of_one():
+    from modules.errors import UserError
+    from modules.lora import lora_from_flags
+
+    plain = GPTModel(CONFIG)
+    assert lora_from_flags(plain, 0, None) is None and not has_lora(plain)
+    adapted = GPTModel(CONFIG)
+    assert lora_from_flags(adapted, 4, None) == {"rank": 4, "alpha": 4.0}
+    assert adapted.blocks[0].attention.qkv_proj.scaling == 1.0
+    with pytest.raises(UserError, match="--lora-rank must be >= 0"):
+        lora_from_flags(GPTModel(CONFIG), -1, None)
+    with pytest.raises(UserError, match="--lora-alpha must be > 0"):
+        lora_from_flags(GPTModel(CONFIG), 4, 0.0)

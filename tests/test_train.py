@@ -181,3 +181,23 @@ def test_max_steps_alone_runs_the_same_steps_on_every_machine():
     assert max_time() == 160  # the default run: about 3 minutes
     assert max_time("--max-steps", "5000") is None  # no time budget cuts a number of steps short
     assert max_time("--max-steps", "5000", "--max-time", "30") == 30 == max_time("--max-time", "30")
+
+
+def test_each_setting_is_one_field_that_makes_its_flag_and_checks_its_range():
+    import argparse
+    from dataclasses import fields
+
+    from modules.training.settings import TrainingSettings, add_training_args
+
+    parser = argparse.ArgumentParser()
+    add_training_args(parser, lr=1e-3, max_time=60)
+    args = parser.parse_args([])
+    for setting in fields(TrainingSettings):  # every field is a flag, its default the field's unless overridden
+        assert getattr(args, setting.name) == (1e-3 if setting.name == "lr" else setting.default), setting.name
+    assert TrainingSettings.from_args(args).max_time == 60
+    with pytest.raises(UserError, match=r"^--micro-batch-size must be >= 1, not 0$"):
+        TrainingSettings.from_args(parser.parse_args(["--micro-batch-size", "0"]))
+    with pytest.raises(UserError, match="--lr-schedule must be one of cosine, constant"):
+        TrainingSettings(out="m.pt", lr_schedule="linear")
+    with pytest.raises(TypeError, match="no such setting"):
+        add_training_args(argparse.ArgumentParser(), learning_rate=1e-3)

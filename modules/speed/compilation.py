@@ -26,7 +26,8 @@ import torch
 
 MEASURED_CALLS = 3
 # A first compile of the loss, forward and backward, with empty caches (a fresh TORCHINDUCTOR_CACHE_DIR):
-# about 30 s on 2 cores of an AMD EPYC (torch 2.13); a few seconds once the caches hold it.
+# about 30 s on 2 quiet cores of an AMD EPYC (torch 2.13), 72 s on one core shared by a dozen processes; a
+# few seconds once the caches hold it.
 COLD_COMPILE_SECONDS = 30.0
 # The share of the eager time that compiling saved: 69% on a 2-core Intel Xeon (above), 68% on AMD EPYC.
 SAVED_SHARE = 0.6

@@ -12,6 +12,11 @@
     resume.py            what --resume needs, saved in the last checkpoint
     interrupt.py         Ctrl-C: finish the step, save, stop
     reports.py           the metrics file and the loss plot beside the checkpoint
+  models larger than one device:
+    sharding.py          --parallel fsdp: FSDP2 per block and root; the whole model gathered for its checkpoint
+    sharded_state.py     the resume state of a sharded run, written by every process (torch.distributed.checkpoint)
+    activation_checkpointing.py  --activation-checkpointing: each block recomputed in the backward pass
+    memory_plan.py       the memory each process will need, printed before the first step
 """
 from .loop import train
 from .settings import TrainingSettings, add_training_args

@@ -1,11 +1,12 @@
 """Activation checkpointing: keep only each transformer block's input for the backward pass, and run the
 block's forward again when the backward pass reaches it.
 
-The backward pass needs what the forward pass computed: a block of GPT-2 keeps about 34 numbers per
-token and embedding dimension for it (the inputs of its matrix products, of GELU and the LayerNorms),
-36 blocks of GPT-2 774M at 1,024 tokens 6.4 GB per sample in bfloat16. Checkpointed, a block keeps its
-input alone, and only the block being recomputed holds the rest: the activations shrink about as many
-times as there are blocks, for one more forward pass per step (about a third more compute).
+The backward pass needs what the forward pass computed: a block of GPT-2 keeps two copies of the residual
+stream and 14 more numbers per token and embedding dimension (the inputs of its LayerNorms, matrix
+products and GELU; memory_plan.py), 36 bytes under bfloat16 autocast: 1.7 GB per sample of 1,024 tokens
+for the 36 blocks of GPT-2 774M. Checkpointed, a block keeps its float32 input alone, 4 bytes, and only
+the block being recomputed holds the rest: the blocks' activations shrink about ninefold, for one more
+forward pass of each block per step (about a third more compute).
 
 Dropout draws the same masks in the recomputation (torch.utils.checkpoint restores the random state),
 so losses and gradients are those of the run without checkpointing. Applied from the training code to

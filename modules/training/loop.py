@@ -2,13 +2,13 @@
 
 A run, in the order of this file:
 
-1. Before the first step, the choices that shape the run, each printed on one line with its reason
-   (Trainer.make_choices): the precision, the loss function (compiled where that pays back within the
+1. Before the first step, the memory plan (memory_plan.py: a run that will not fit stops there) and the
+   choices that shape the run, each printed on one line with its reason (Trainer.make_choices): the precision, the loss function (compiled where that pays back within the
    run), and with --max-time the number of steps that fit.
 2. Each optimizer step (Trainer.train_step, read top to bottom): the learning rate of this step; this
    process's micro-batches of the step's samples; for each, the forward pass under autocast, the loss
    and the backward pass (under DDP, gradients are averaged across processes on the last micro-batch
-   only); gradient clipping; the optimizer step.
+   only; under FSDP, sharding.py, reduce-scattered there); gradient clipping; the optimizer step.
 3. Every `eval_interval` steps and after the last: evaluation on training and validation batches, the
    best model and the last state (for --resume) saved, the metrics file and the loss plot written.
 
@@ -25,18 +25,22 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import read_checkpoint, save_checkpoint
+from ..checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from ..errors import UserError
 from ..files import exclusive_output
 from ..lora import merge_lora
 from ..speed.compilation import compiled_model, fastest_loss
 from ..speed.memory import keep_freed_memory
-from ..speed.precision import describe_precision, mixed_precision
+from ..speed.precision import describe_precision, mixed_precision, resolve_dtype
+from .activation_checkpointing import checkpoint_activations
 from .interrupt import StopRequest
+from .memory_plan import RunShape, check_fits, memory_per_process
 from .optimizer import make_optimizer
 from .plan import BatchPlan, default_warmup_steps, learning_rate_factor, steps_that_fit
 from .reports import last_checkpoint_path, plot_path, plot_training, write_metrics
 from .resume import restore_train_state, train_state
+from .sharded_state import restore_sharded_train_state, save_sharded_state, sharded_state_path, sharded_train_state
+from .sharding import gathered_model, root_gathered, shard_model
 
 REHEARSAL_STEPS = 3  # --max-time: step 0's gradients computed this often to time a step; the first warms up
 
@@ -75,7 +79,15 @@ class Trainer:
         self.step_limit = settings.max_steps or settings.epochs * self.batches.steps_per_epoch
         self.eval_interval = settings.eval_interval or self.batches.steps_per_epoch
 
+        # --parallel fsdp: the model sharded across the processes, and the resume state written sharded
+        # (by one process too, so that any number of processes can resume it).
+        self.sharded = settings.parallel == "fsdp" and process.world_size > 1
+        self.check_memory(model)  # before the model takes any of the device's memory
         self.model = model.to(process.device)
+        if settings.activation_checkpointing:
+            checkpoint_activations(self.model)
+        if self.sharded:
+            shard_model(self.model, settings.dtype, process.device)
         if process.device.type == "cpu":
             keep_freed_memory()  # a fifth faster on CPU: each step reuses the last one's pages
         self.optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay, process.device)
@@ -88,9 +100,10 @@ class Trainer:
 
     def model_for_training(self):
         """The model the steps run: compiled with --compile, wrapped in DDP across processes, which
-        averages the gradients during the backward pass. The weights stay those of self.model."""
+        averages the gradients during the backward pass (FSDP's model is the sharded self.model). The
+        weights stay those of self.model."""
         model = compiled_model(self.model) if self.settings.compile else self.model
-        if self.process.world_size > 1:
+        if self.process.world_size > 1 and not self.sharded:
             device_ids = [self.process.device.index] if self.process.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         return model
@@ -105,6 +118,17 @@ class Trainer:
         return given if given is not None else default_warmup_steps(self.total_steps)
 
     # ---------------------------------------------------------------- 1. before the first step
+    def check_memory(self, model):
+        """The memory each process will need (memory_plan.py), printed; a run that will not fit stops
+        here, with the flag that would make it fit."""
+        first = self.task.collate([self.task.train_set[i] for i in self.batches.micro_batches(0)[0]])
+        strategy = "fsdp" if self.sharded else "ddp" if self.process.world_size > 1 else "one process"
+        shape = RunShape(strategy, self.process.world_size, self.batches.micro_batch, first["input_ids"].shape[1],
+                         resolve_dtype(self.settings.dtype, self.process.device).itemsize,
+                         self.settings.activation_checkpointing, self.process.device.type)
+        available = memory_per_process(self.process.device)
+        self.say(check_fits(model, shape, available, can_lora=self.task.kind != "lm").describe())
+
     def make_choices(self):
         """The choices made before training, each one printed line saying what was chosen and why."""
         self.say(describe_precision(self.settings.dtype, self.process.device))
@@ -154,10 +178,7 @@ class Trainer:
             timings.append(time.perf_counter() - started)
         step_seconds = statistics.mean(timings[1:])
         started = time.perf_counter()
-        if self.process.is_main:
-            self.model.eval()
-            self.task.sample(self.model)
-            self.model.train()
+        self.sample()
         sample_seconds = time.perf_counter() - started
         torch.set_rng_state(cpu_random)
         if cuda_random is not None:
@@ -219,7 +240,11 @@ class Trainer:
 
     def gradient_sync(self, last):
         """DDP averages the gradients across processes after every backward pass; between the
-        micro-batches of one step that communication is wasted, so only the last one synchronises."""
+        micro-batches of one step that communication is wasted, so only the last one synchronises.
+        FSDP likewise reduce-scatters the gradients of the last micro-batch only."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return nullcontext()
         return nullcontext() if last or self.process.world_size == 1 else self.training_model.no_sync()
 
     def clip_gradients(self, max_norm):
@@ -256,11 +281,11 @@ class Trainer:
         return self.process.all_reduce_sum(flag).item() > 0
 
     def _save_and_stop(self, progress_bar):
+        self.save_resume_state()
         if self.process.is_main:
-            self.save(last_checkpoint_path(self.settings.out), resumable=True)
             self.write_reports()
             progress_bar.close()
-            tqdm.write(f"interrupted after step {self.progress.step}: saved {last_checkpoint_path(self.settings.out)}; "
+            tqdm.write(f"interrupted after step {self.progress.step}: saved {self.resume_path}; "
                        "run the same command with --resume to continue")
         raise KeyboardInterrupt
 
@@ -280,13 +305,18 @@ class Trainer:
         if max_batches:
             batches = min(batches, max_batches)
         sums = {name: [0.0, 0] for name in self.task.metric_names}
-        for batch_index in range(self.process.rank, batches, self.process.world_size):
-            start = batch_index * self.batches.micro_batch
+        # Sharded, every forward pass gathers weights from all processes, so all run as many: one whose
+        # share is done evaluates the first batch again, uncounted.
+        rounds = math.ceil(batches / self.process.world_size) * self.process.world_size if self.sharded else batches
+        for batch_index in range(self.process.rank, rounds, self.process.world_size):
+            counted = batch_index < batches
+            start = (batch_index if counted else 0) * self.batches.micro_batch
             batch = self.batch(dataset, range(start, min(start + self.batches.micro_batch, len(dataset))))
             with self.autocast:
-                for name, (total, count) in self.task.metrics(self.model, batch).items():
-                    sums[name][0] += total
-                    sums[name][1] += count
+                metrics = self.task.metrics(self.model, batch)
+            for name, (total, count) in metrics.items() if counted else ():
+                sums[name][0] += total
+                sums[name][1] += count
         packed = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.process.device)
         packed = self.process.all_reduce_sum(packed)
         self.model.train(was_training)
@@ -299,47 +329,78 @@ class Trainer:
         record = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                   **{f"train_{name}": value for name, value in train_metrics.items()},
                   **{f"val_{name}": value for name, value in val_metrics.items()}}
-        sample = None
-        if self.process.is_main:
-            self.model.eval()
+        return record, self.sample()
+
+    def sample(self):
+        """The task's sample text on the main process, None on the others. Sharded, every process runs its
+        forward passes, as each gathers weights from all."""
+        if not (self.process.is_main or self.sharded):
+            return None
+        self.model.eval()
+        with root_gathered(self.model) if self.sharded else nullcontext():
             sample = self.task.sample(self.model)
-            self.model.train()
-        return record, sample
+        self.model.train()
+        return sample if self.process.is_main else None
 
     def evaluate_and_save(self):
         record, sample = self.evaluation()
         self.progress.evaluations.append(record)
         improved = record["val_loss"] < self.progress.best_val_loss
         self.progress.best_val_loss = min(self.progress.best_val_loss, record["val_loss"])
-        if not self.process.is_main:
-            return
-        shown = " | ".join(f"{key} {value:.4f}" for key, value in record.items() if key.startswith(("train_", "val_")))
-        tqdm.write(f"step {self.progress.step}/{self.total_steps} | {shown}")
-        if sample:
-            self.progress.last_sample = sample
-            tqdm.write("sample:\n    " + sample.replace("\n", "\n    "))
+        if self.process.is_main:
+            shown = " | ".join(f"{key} {value:.4f}" for key, value in record.items() if key.startswith(("train_", "val_")))
+            tqdm.write(f"step {self.progress.step}/{self.total_steps} | {shown}")
+            if sample:
+                self.progress.last_sample = sample
+                tqdm.write("sample:\n    " + sample.replace("\n", "\n    "))
         if improved:
-            self.save(self.settings.out, resumable=False)
-        self.save(last_checkpoint_path(self.settings.out), resumable=True)
-        self.write_reports()
+            self.save_best()
+        self.save_resume_state()
+        if self.process.is_main:
+            self.write_reports()
 
     # ---------------------------------------------------------------- checkpoints and reports
-    def save(self, path, resumable):
-        """The model at `path`; with `resumable`, also everything --resume needs (resume.py)."""
-        extra = {**self.task.checkpoint_metadata(), "step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
-                 "val_loss": self.progress.evaluations[-1]["val_loss"] if self.progress.evaluations else None,
-                 "training_settings": self.settings.as_dict()}
-        if resumable:
-            extra["train_state"] = train_state(self.model, self.optimizer, self.scaler, self.progress,
-                                               self.data_signature, self.process.device)
-        save_checkpoint(path, self.model, self.task.kind, **extra)
+    @property
+    def resume_path(self):
+        """Where the last state is saved for --resume: a sharded folder (--parallel fsdp), else one file."""
+        if self.settings.parallel == "fsdp":
+            return sharded_state_path(self.settings.out)
+        return last_checkpoint_path(self.settings.out)
+
+    def save_best(self):
+        """The model as one checkpoint at --out, written by the main process; sharded, each process sends
+        its shards to the main process's CPU memory first. Every process calls it."""
+        model = gathered_model(self.model) if self.sharded else self.model
+        if self.process.is_main:
+            save_checkpoint(self.settings.out, model, self.task.kind, **self.checkpoint_entries())
+
+    def save_resume_state(self):
+        """Everything --resume needs (resume.py): beside the weights in the last checkpoint, or sharded,
+        each process writing its own part (sharded_state.py). Every process calls it."""
+        if self.settings.parallel == "fsdp":
+            state = sharded_train_state(self.model, self.progress, self.data_signature, self.process.device)
+            save_sharded_state(self.resume_path, self.model, self.optimizer, state, self.process.is_main)
+        elif self.process.is_main:
+            state = train_state(self.model, self.optimizer, self.scaler, self.progress, self.data_signature,
+                                self.process.device)
+            save_checkpoint(self.resume_path, self.model, self.task.kind, **self.checkpoint_entries(), train_state=state)
+
+    def checkpoint_entries(self):
+        """What every checkpoint of the run stores besides the weights."""
+        return {**self.task.checkpoint_metadata(), "step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
+                "val_loss": self.progress.evaluations[-1]["val_loss"] if self.progress.evaluations else None,
+                "training_settings": self.settings.as_dict()}
 
     def resumed_progress(self):
         """--resume: the weights, optimizer, scaler and random generators of the last checkpoint put in
         place (resume.py); returns the run's Progress there."""
-        path = last_checkpoint_path(self.settings.out)
-        progress = Progress(**restore_train_state(path, self.task.kind, self.model, self.optimizer, self.scaler,
-                                                  self.data_signature, self.process.device))
+        path = self.resume_path
+        if self.settings.parallel == "fsdp":
+            state = restore_sharded_train_state(path, self.model, self.optimizer, self.data_signature, self.process.device)
+        else:
+            state = restore_train_state(path, self.task.kind, self.model, self.optimizer, self.scaler,
+                                        self.data_signature, self.process.device)
+        progress = Progress(**state)
         progress.step_losses = [tuple(entry) for entry in progress.step_losses]
         self.say(f"resuming from {path} at step {progress.step}")
         if progress.step >= (progress.planned_steps or self.step_limit):
@@ -350,10 +411,15 @@ class Trainer:
 
     def load_best(self):
         """Put the weights of the best checkpoint (lowest validation loss) into the model, for a final
-        evaluation; LoRA adapters are merged first, as the checkpoint holds merged weights."""
+        evaluation; LoRA adapters are merged first, as the checkpoint holds merged weights. Sharded, the
+        training is over: every process evaluates the whole best model, unsharded."""
         self.process.wait_for_main_process()  # it may still be writing the best checkpoint
+        best = read_checkpoint(self.settings.out, kinds=(self.task.kind,))
+        if self.sharded:
+            self.model, self.sharded = model_from_checkpoint(best, self.settings.out).to(self.process.device), False
+            return
         merge_lora(self.model)
-        self.model.load_state_dict(read_checkpoint(self.settings.out, kinds=(self.task.kind,))["model_state_dict"])
+        self.model.load_state_dict(best["model_state_dict"])
 
     def final_metrics(self):
         last = self.progress.evaluations[-1] if self.progress.evaluations else {}

@@ -131,13 +131,14 @@ def _parameter_counts(model):
 
 
 # ---------------------------------------------------------------- does it fit?
-def memory_per_process(device, processes_here):
-    """Bytes each process may use: a GPU's memory, or the RAM available now shared by this machine's
-    processes."""
+def memory_per_process(device, processes_here=None):
+    """Bytes each process may use: a GPU's memory, or the RAM available now shared by the processes on
+    this machine (`processes_here`, by default torchrun's LOCAL_WORLD_SIZE)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return _available_ram() // max(1, processes_here)
+    processes_here = processes_here or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return _available_ram() // processes_here
 
 
 def check_fits(model, shape, available, can_lora=False):

@@ -18,14 +18,18 @@ def train_state(model, optimizer, scaler, progress, data_signature, device):
     return {
         "optimizer_state_dict": optimizer.state_dict(),
         "scaler_state_dict": scaler.state_dict() if scaler else None,
-        # Taken between steps: the state the next step starts from.
-        "rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        **random_state(device),
         "progress": asdict(progress),
         "data_signature": data_signature,
         # Checkpoints hold LoRA adapters merged into the weights; resuming needs them apart.
         "lora_state_dict": lora_state_dict(model),
     }
+
+
+def random_state(device):
+    """The random generators' state, taken between steps: the one the next step starts from."""
+    return {"rng_state": torch.get_rng_state(),
+            "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def restore_train_state(path, kind, model, optimizer, scaler, data_signature, device):
@@ -38,11 +42,7 @@ def restore_train_state(path, kind, model, optimizer, scaler, data_signature, de
     state = checkpoint.get("train_state")
     if state is None or "progress" not in state:
         raise UserError(f"{path} holds no training state that this version can resume from")
-    if state["data_signature"] != data_signature:
-        saved, now = state["data_signature"], data_signature
-        raise UserError(f"{path} was trained with --batch-size {saved['global_batch']} on {saved['train_samples']} "
-                        f"samples; resume with the same data and batch size (now {now['global_batch']} and "
-                        f"{now['train_samples']})")
+    check_data_signature(path, state["data_signature"], data_signature)
     try:
         model.load_state_dict(state["lora_state_dict"] or checkpoint["model_state_dict"])
     except RuntimeError:
@@ -51,7 +51,18 @@ def restore_train_state(path, kind, model, optimizer, scaler, data_signature, de
     optimizer.load_state_dict(state["optimizer_state_dict"])
     if scaler and state["scaler_state_dict"]:
         scaler.load_state_dict(state["scaler_state_dict"])
+    restore_random_state(state, device)
+    return state["progress"]
+
+
+def check_data_signature(path, saved, now):
+    if saved != now:
+        raise UserError(f"{path} was trained with --batch-size {saved['global_batch']} on {saved['train_samples']} "
+                        f"samples; resume with the same data and batch size (now {now['global_batch']} and "
+                        f"{now['train_samples']})")
+
+
+def restore_random_state(state, device):
     torch.set_rng_state(state["rng_state"])
     if state["cuda_rng_state"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng_state"], device)
-    return state["progress"]

@@ -13,6 +13,7 @@ from ..errors import UserError, check_flag
 from ..speed.precision import DTYPES
 
 LR_SCHEDULES = ("cosine", "constant")
+PARALLEL_CHOICES = ("ddp", "fsdp")  # modules/training/sharding.py for fsdp
 
 
 def setting(default, help, *, valid=None, must_be=None, choices=None, metavar=None):
@@ -65,6 +66,12 @@ class TrainingSettings:
                                  "CPU computes it natively (AMX, AVX512-BF16), else float32 (default: %(default)s)",
                          choices=DTYPES)
     compile: bool = setting(False, "torch.compile the model (faster steps on a GPU, slow start)")
+    parallel: str = setting("ddp", "how the processes of a torchrun share the work: ddp keeps the whole model, its "
+                                   "gradients and optimizer state in each; fsdp shards them across the processes, "
+                                   "for models that one device cannot hold (default: %(default)s)",
+                            choices=PARALLEL_CHOICES)
+    activation_checkpointing: bool = setting(False, "keep only each block's input for the backward pass and "
+                                                    "recompute the rest: far less memory, a third more compute")
     seed: int = setting(123, "random seed (default: %(default)s)")
     device: str | None = setting(None, "cuda, mps or cpu (default: the best available)")
     out: Path = setting(Path("checkpoints/model.pt"), "checkpoint to write (default: %(default)s)")
@@ -79,6 +86,8 @@ class TrainingSettings:
             if meta["choices"] and value not in meta["choices"]:
                 raise UserError(f"--{flag_name(setting_field)} must be one of {', '.join(meta['choices'])}, "
                                 f"not {value!r}")
+        if self.compile and self.parallel == "fsdp":
+            raise UserError("--compile does not work with --parallel fsdp yet: drop one of the two")
 
     @classmethod
     def from_args(cls, args):

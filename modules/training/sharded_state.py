@@ -20,6 +20,7 @@ previous state as `latest`, usable.
 import shutil
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from ..checkpoint import atomic_save
 from ..errors import UserError
 from ..files import atomic_write_text
+from .resume import check_data_signature, random_state, restore_random_state
 
 LATEST = "latest"
 WRITING = ".writing"  # the folder a state is written into before it is complete
@@ -40,6 +42,24 @@ TRAIN_STATE = "train_state.pt"
 def sharded_state_path(out):
     """checkpoints/model.pt -> checkpoints/model.last, the folder of a sharded run's resume state."""
     return Path(out).with_suffix(".last")
+
+
+def sharded_train_state(model, progress, data_signature, device):
+    """The train_state that save_sharded_state writes beside the shards: what the model is, the loop's
+    Progress, the data's signature and the random generators."""
+    return {"config": model.config, "progress": asdict(progress), "data_signature": data_signature,
+            **random_state(device)}
+
+
+def restore_sharded_train_state(folder, model, optimizer, data_signature, device):
+    """--resume from the newest state in `folder`, written by any number of processes: every process reads
+    its shards of the weights and optimizer state, and the random generators' state; returns the run's
+    progress there, as a dict of the loop's Progress fields."""
+    state_folder, state = read_train_state(folder, model.config)
+    check_data_signature(state_folder, state["data_signature"], data_signature)
+    load_sharded_state(state_folder, model, optimizer)
+    restore_random_state(state, device)
+    return state["progress"]
 
 
 def save_sharded_state(folder, model, optimizer, train_state, is_main):
@@ -73,8 +93,9 @@ def read_train_state(folder, config):
     folder = Path(folder)
     latest = folder / LATEST
     if not latest.is_file():
-        raise UserError(f"nothing to resume: {folder} holds no complete training state (it is written at each "
-                        "evaluation); drop --resume to start afresh")
+        raise UserError(f"nothing to resume: {folder} holds no complete training state (--parallel fsdp writes it "
+                        "at each evaluation; --parallel ddp writes a .last.pt file instead): resume with the --parallel "
+                        "the run had, or drop --resume to start afresh")
     state_folder = folder / latest.read_text().strip()
     try:
         train_state = torch.load(state_folder / TRAIN_STATE, map_location="cpu", weights_only=True)

@@ -19,16 +19,16 @@ now. As torchtitan shards a transformer:
 The optimizer, gradient clipping and torch.distributed.checkpoint work on the shards (DTensors) as they
 are. What needs the whole model, the one-file checkpoint that every loader reads, is gathered here.
 """
+from contextlib import contextmanager
+
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from ..errors import UserError
-from ..lora import apply_lora, has_lora, LoRALinear
+from ..lora import LoRALinear, apply_lora, has_lora
 from ..model import GPTModel
 from ..speed.precision import resolve_dtype
-
-PARALLEL_CHOICES = ("ddp", "fsdp")
 
 
 def shard_model(model, dtype_name, device):
@@ -52,15 +52,23 @@ def mixed_precision_policy(dtype_name, device):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
-def is_sharded(model):
-    return isinstance(model, FSDPModule)
+@contextmanager
+def root_gathered(model):
+    """Within the block, the root unit's weights (the embeddings, the final LayerNorm, the head) are
+    gathered, in the computation's precision: generation sizes its KV cache from the token embedding's
+    dtype, which must be the one the blocks compute in. Every process must enter it."""
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
 
 
 def gathered_model(model):
     """The whole of a sharded `model` as a plain GPTModel on the CPU of the main process (LoRA layers
     kept, as in `model`), None on the others: what save_checkpoint writes. Every process must call it,
     since each sends its shards. The weights are gathered one tensor at a time into CPU memory, so no
-    device ever holds the whole model at once."""
+    GPU ever holds the whole model at once."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     if not state:  # cpu_offload leaves the gathered tensors on the main process only
@@ -71,14 +79,9 @@ def gathered_model(model):
         lora = next(module for module in model.modules() if isinstance(module, LoRALinear))
         apply_lora(whole, rank=lora.A.shape[1], alpha=lora.scaling * lora.A.shape[1])
     whole.load_state_dict(state, assign=True)
-    whole.tie_weights()
+    if not whole.config.get("num_classes"):
+        whole.tie_weights()  # assign=True replaced the shared matrix by two
     return whole
-
-
-def load_whole_state_dict(model, state_dict):
-    """Put a whole (unsharded) state dict, such as a checkpoint's, into a sharded `model`: each process
-    keeps its own shards of it."""
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def local_numel(tensors):
