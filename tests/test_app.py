@@ -150,13 +150,14 @@ def test_python_app_py_help_lists_the_flags():
 
 def test_the_best_checkpoints_come_first_and_the_newest_opens(tmp_path, monkeypatch):
     """train.py writes pretrained.pt (the best model) and pretrained.last.pt (the resume file), and so on."""
+    now = time.time_ns()  # one clock for all: writing a checkpoint can take seconds on a busy machine
     for age, name in enumerate(["broken.pt", "pretrained.last.pt", "pretrained.pt", "classifier.last.pt",
                                 "classifier.pt"]):
         if name == "broken.pt":
             (tmp_path / name).write_bytes(b"not a checkpoint")
         else:
             (save_classifier if name.startswith("classifier") else save_lm)(tmp_path / name)
-        os.utime(tmp_path / name, ns=(time.time_ns() - age * 10**9,) * 2)  # broken.pt is the newest
+        os.utime(tmp_path / name, ns=(now - age * 10**9,) * 2)  # broken.pt is the newest
     at = start_app(tmp_path, monkeypatch)
     picker = at.selectbox(key="checkpoint")
     assert picker.options == ["broken.pt · unreadable", "classifier.pt · classifier", "pretrained.pt · lm"]
