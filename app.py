@@ -194,9 +194,10 @@ def complete_text(checkpoint):
     tab = clicked_action_tab("lm", "Generate", prompt, "a prompt",
                              lambda: show_language_model_inside(model, prompt, settings, "lm"))
     if tab:
-        with tab, st.container(border=True, key="output"):
-            pieces = itertools.chain([prompt], stream_answer(model, prompt, settings))
-            st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
+        with tab:
+            pieces = itertools.chain([prompt], stream_answer(model, prompt, settings))  # its caption above the box
+            with st.container(border=True, key="output"):
+                st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
 def follow_instruction(checkpoint):
@@ -212,8 +213,9 @@ def follow_instruction(checkpoint):
         with tab:
             with st.expander("The prompt the model sees"):
                 st.text(prompt)
+            pieces = stream_answer(model, prompt, settings)  # its caption above the box
             with st.container(border=True, key="output"):
-                st.write_stream(plain_text_as_markdown(piece) for piece in stream_answer(model, prompt, settings))
+                st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
 def detect_spam(checkpoint):
