@@ -38,7 +38,7 @@ from .memory_plan import RunShape, check_fits, memory_per_process
 from .optimizer import make_optimizer
 from .plan import BatchPlan, default_warmup_steps, learning_rate_factor, steps_that_fit
 from .reports import last_checkpoint_path, plot_path, plot_training, write_metrics
-from .resume import restore_train_state, train_state
+from .resume import random_state, restore_random_state, restore_train_state, train_state
 from .sharded_state import restore_sharded_train_state, save_sharded_state, sharded_state_path, sharded_train_state
 from .sharding import gathered_model, root_gathered, shard_model
 
@@ -166,8 +166,7 @@ class Trainer:
         and random generators are left as they were; the first warms up). An evaluation: its forward
         passes, a third of a step's micro-batch each (the backward pass costs twice the forward), and the
         sample, timed once."""
-        cpu_random = torch.get_rng_state()
-        cuda_random = torch.cuda.get_rng_state(self.process.device) if self.process.device.type == "cuda" else None
+        random_generators = random_state(self.process.device)
         timings = []
         for _ in range(REHEARSAL_STEPS):
             started = time.perf_counter()
@@ -180,11 +179,9 @@ class Trainer:
         started = time.perf_counter()
         self.sample()
         sample_seconds = time.perf_counter() - started
-        torch.set_rng_state(cpu_random)
-        if cuda_random is not None:
-            torch.cuda.set_rng_state(cuda_random, self.process.device)
-        forward_passes = sum(math.ceil(min(self.settings.eval_batches, math.ceil(len(dataset) / self.batches.micro_batch))
-                                       / self.process.world_size) for dataset in (self.task.train_set, self.task.val_set))
+        restore_random_state(random_generators, self.process.device)
+        forward_passes = sum(math.ceil(self.evaluation_batches(dataset, self.settings.eval_batches)[1] / self.process.world_size)
+                             for dataset in (self.task.train_set, self.task.val_set))
         evaluation_seconds = forward_passes * step_seconds / self.batches.accumulation / 3 + sample_seconds
         measured = torch.tensor([step_seconds, evaluation_seconds], dtype=torch.float64, device=self.process.device)
         return tuple(self.process.all_reduce_max(measured).tolist())
@@ -301,13 +298,8 @@ class Trainer:
         over the processes."""
         was_training = self.model.training
         self.model.eval()
-        batches = math.ceil(len(dataset) / self.batches.micro_batch)
-        if max_batches:
-            batches = min(batches, max_batches)
+        batches, rounds = self.evaluation_batches(dataset, max_batches)
         sums = {name: [0.0, 0] for name in self.task.metric_names}
-        # Sharded, every forward pass gathers weights from all processes, so all run as many: one whose
-        # share is done evaluates the first batch again, uncounted.
-        rounds = math.ceil(batches / self.process.world_size) * self.process.world_size if self.sharded else batches
         for batch_index in range(self.process.rank, rounds, self.process.world_size):
             counted = batch_index < batches
             start = (batch_index if counted else 0) * self.batches.micro_batch
@@ -321,6 +313,16 @@ class Trainer:
         packed = self.process.all_reduce_sum(packed)
         self.model.train(was_training)
         return {name: (total / count if count else math.nan) for name, (total, count) in zip(sums, packed.tolist())}
+
+    def evaluation_batches(self, dataset, max_batches):
+        """(micro-batches counted, rounds run over all processes) of evaluating `dataset`. Sharded, every
+        forward pass gathers weights from all processes, so all run as many: one whose share is done
+        evaluates the first batch again, uncounted."""
+        batches = math.ceil(len(dataset) / self.batches.micro_batch)
+        if max_batches:
+            batches = min(batches, max_batches)
+        rounds = math.ceil(batches / self.process.world_size) * self.process.world_size if self.sharded else batches
+        return batches, rounds
 
     def evaluation(self):
         """(record of the metrics on training and validation batches, the task's sample text or None)."""
