@@ -61,6 +61,8 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
     if compiled:
         from .speed.compiled_generation import compiled_decoding
 
+        compiled = not compiled_decoding(model).failed  # where compiling failed, the growing cache is faster
+    if compiled:
         kv_cache, step = StaticKVCache.for_model(model, batch, tokens.shape[1] + max_new_tokens), compiled_decoding(model).step
     elif use_cache:
         kv_cache = KVCache.for_model(model, batch)

@@ -85,10 +85,6 @@ class StaticKVCache:
         slots = cache_slots(tokens, model.config["context_size"])
         return cls(model.config, batch_size, slots, *activation_device_and_dtype(model))
 
-    @property
-    def slots(self):
-        return self.slot_ids.shape[0]
-
     def clear(self):
         self.filled.fill_(False)
         self.length = 0

@@ -35,11 +35,15 @@ COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch-compile"
 _decodings = weakref.WeakKeyDictionary()  # model -> its CompiledDecoding
 
 
+_decodings_lock = threading.Lock()  # two sessions of the app asking at once share one
+
+
 def compiled_decoding(model):
-    """The CompiledDecoding of `model`, made on first use: what it compiled is kept for the process."""
-    if model not in _decodings:
-        _decodings[model] = CompiledDecoding(model)
-    return _decodings[model]
+    """The CompiledDecoding of `model`, made on first use: what it compiled is kept while the model lives."""
+    with _decodings_lock:
+        if model not in _decodings:
+            _decodings[model] = CompiledDecoding(model)
+        return _decodings[model]
 
 
 def compiled_decoding_if_any(model):
@@ -53,9 +57,10 @@ class CompiledDecoding:
     A shape (batch size, cache slots) met for the first time is compiled right there, unless a background
     thread (compile_in_background, for the app) is building it: then the eager step answers meanwhile."""
 
-    def __init__(self, model, report=None):
-        self.model = model
-        self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+    def __init__(self, model):
+        # A weak reference: _decodings is keyed weakly by the model, so a strong one would keep an evicted
+        # model (the app's shelf) and its programs alive for the life of the process.
+        self._model = weakref.ref(model)
         device = model.token_embedding.weight.device
         if device.type == "cuda":
             self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
@@ -63,6 +68,14 @@ class CompiledDecoding:
             self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
         self.ready, self.building, self.failed = set(), set(), None
         self.lock = threading.Lock()
+
+    @property
+    def model(self):
+        return self._model()
+
+    @staticmethod
+    def report(line):
+        print(line, file=sys.stderr, flush=True)
 
     def step(self, model, kv_cache, token, slot):
         """decode_step(model, kv_cache, token, slot), compiled where it can be."""
@@ -115,17 +128,20 @@ class CompiledDecoding:
 
     def compile_in_background(self, batch_size, tokens):
         """Build the step for `batch_size` sequences of up to `tokens` positions in a daemon thread (the app
-        serves with the eager step meanwhile); returns the thread."""
-        def build():
-            with torch.inference_mode():
-                cache = StaticKVCache.for_model(self.model, batch_size, tokens)
-                token = torch.zeros(batch_size, 1, dtype=torch.long, device=cache.filled.device)
-                self.build(cache, token, torch.zeros(1, dtype=torch.long, device=cache.filled.device))
+        serves with the eager step meanwhile)."""
+        shape = (batch_size, cache_slots(tokens, self.model.config["context_size"]))
 
-        self.building.add((batch_size, cache_slots(tokens, self.model.config["context_size"])))
-        thread = threading.Thread(target=build, daemon=True, name="compile-decoding-step")
-        thread.start()
-        return thread
+        def build():
+            try:
+                with torch.inference_mode():
+                    cache = StaticKVCache.for_model(self.model, batch_size, tokens)
+                    token = torch.zeros(batch_size, 1, dtype=torch.long, device=cache.filled.device)
+                    self.build(cache, token, torch.zeros(1, dtype=torch.long, device=cache.filled.device))
+            finally:  # also when the cache could not be made: a later request may try again
+                self.building.discard(shape)
+
+        self.building.add(shape)
+        threading.Thread(target=build, daemon=True, name="compile-decoding-step").start()
 
 
 def use_project_compile_cache():
