@@ -47,13 +47,15 @@ def atomic_file(path, mode="wb", elsewhere="another --out"):
     system refuses the write (a full disk, a read-only file system, no permission) the error is a
     UserError naming the path, the cause and the remedy, `elsewhere` saying how to write elsewhere."""
     path = Path(path)
-    temporary = None
+    temporary, in_block = None, False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp's file is its owner's alone; the file is as open() makes it
         with os.fdopen(descriptor, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+            in_block = True
             yield file
+            in_block = False
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -61,7 +63,9 @@ def atomic_file(path, mode="wb", elsewhere="another --out"):
         if temporary is not None:
             with suppress(OSError):
                 Path(temporary).unlink(missing_ok=True)
-        if (cause := os_error_in(error)) is not None:
+        # Inside the block, an error of another file (an input the block reads) stays that file's.
+        cause = os_error_in(error)
+        if cause is not None and (not in_block or cause.filename in (None, temporary, str(path))):
             raise write_error(path, cause, elsewhere) from None
         raise
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..config import TOKENIZER_VOCABULARY
 from ..errors import UserError
 from ..files import atomic_file, atomic_write_text
 from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
@@ -92,13 +93,14 @@ def load_tokens(path):
             tokenize_to_cache(files, cache_path)
             atomic_write_text(meta_path, json.dumps({"sha256": fingerprint, "tokenizer": "gpt2", "files": len(files)}),
                               CACHE_ELSEWHERE)
-        tokens = read_token_file(cache_path)
+        tokens = read_token_file(cache_path, check_ids=False)  # our tokenizer wrote it
     return tokens
 
 
-def read_token_file(path):
+def read_token_file(path, check_ids=True):
     """The GPT-2 token ids in a pre-tokenized .bin (raw uint16, as nanoGPT writes them) as a read-only
-    memmap, checked to be whole tokens of GPT-2's vocabulary."""
+    memmap, checked to be whole tokens and, with `check_ids` (a user's file: it reads the whole file
+    once), ids of GPT-2's vocabulary."""
     size = path.stat().st_size
     layout = ("a .bin holds GPT-2 token ids as raw uint16 (2 bytes each, e.g. numpy's "
               "np.array(ids, dtype=np.uint16).tofile(path)), or pass the text itself (a .txt file or a folder)")
@@ -107,8 +109,8 @@ def read_token_file(path):
     if not size:
         return np.zeros(0, np.uint16)
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    vocabulary = get_tokenizer().n_vocab
-    if (largest := int(tokens.max())) >= vocabulary:
+    vocabulary = TOKENIZER_VOCABULARY
+    if check_ids and (largest := int(tokens.max())) >= vocabulary:
         raise UserError(f"{path} holds the token id {largest} at {int(tokens.argmax()):,}, but GPT-2's ids "
                         f"are 0 to {vocabulary - 1}: {layout}")
     return tokens
