@@ -49,9 +49,7 @@ def parse_args():
 def load_responses(path):
     """evaluate_responses.py's JSON list; the original's key "model response" is read too."""
     records = read_json(path, "the JSON list of answers evaluate_responses.py writes; "
-                              "make it with `python evaluate_responses.py` (or pass --data PATH)")
-    if not isinstance(records, list):
-        raise UserError(f"{path} holds a JSON {type(records).__name__}, not the list of answers evaluate_responses.py writes")
+                              "make it with `python evaluate_responses.py` (or pass --data PATH)", expect=list)
     entries = []
     for index, record in enumerate(records):
         response = record.get("model_response", record.get("model response")) if isinstance(record, dict) else None

@@ -76,9 +76,10 @@ def atomic_write_text(path, text, elsewhere="another --out"):
         file.write(text)
 
 
-def read_json(path, what, json_lines=False):
-    """The JSON value in the file at `path`; a missing, non-UTF-8 or malformed file ends in a UserError
-    that says what the file should have been (`what`, e.g. "a list of answers from evaluate_responses.py").
+def read_json(path, what, json_lines=False, expect=None):
+    """The JSON value in the file at `path`; a missing, non-UTF-8 or malformed file, or one whose value is
+    not of the type `expect` (dict or list, when given), ends in a UserError that says what the file should
+    have been (`what`, e.g. "a list of answers from evaluate_responses.py").
     With `json_lines`, a file of JSON Lines (one value per line: named .jsonl, or not one JSON document
     but starting with "{") gives the list of its values: a .jsonl of one line is a list of one."""
     path = Path(path)
@@ -90,6 +91,13 @@ def read_json(path, what, json_lines=False):
         raise UserError(f"{path} is not UTF-8 text (byte {error.start}); it should be {what}") from None
     except OSError as error:
         raise UserError(f"could not read {path}: {error.strerror or error}; it should be {what}") from None
+    value = _json_value(path, text, what, json_lines)
+    if expect is not None and not isinstance(value, expect):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}; it should be {what}")
+    return value
+
+
+def _json_value(path, text, what, json_lines):
     if json_lines and path.suffix == ".jsonl":
         return _json_lines_values(path, text, what)
     try:

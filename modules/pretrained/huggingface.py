@@ -32,9 +32,7 @@ def load_gpt2_from_hf(hf_dir):
     openai-community/gpt2 snapshot has them."""
     hf_dir = Path(hf_dir)
     what = f"the config of a Hugging Face GPT-2 model, a JSON object; {_how_to_get(hf_dir)}"
-    hf_config = read_json(hf_dir / "config.json", what)
-    if not isinstance(hf_config, dict):
-        raise UserError(f"{hf_dir / 'config.json'} holds a JSON {type(hf_config).__name__}; it should be {what}")
+    hf_config = read_json(hf_dir / "config.json", what, expect=dict)
     if hf_config.get("model_type") != "gpt2":
         raise UserError(f"{hf_dir} holds a {hf_config.get('model_type')!r} model, not GPT-2 "
                         "(its config.json must say \"model_type\": \"gpt2\")")
@@ -52,7 +50,9 @@ def _open_hf_weights(hf_dir, open_files):
     """({OpenAI name: (stored name, shape)}, read_tensor(stored name)) for a Hugging Face directory."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index, "the index of a sharded safetensors model")["weight_map"]
+        weight_map = read_json(index, "the index of a sharded safetensors model", expect=dict).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} has no \"weight_map\" object; it should be the index of a sharded safetensors model")
         files = sorted({hf_dir / name for name in weight_map.values()})
     elif (hf_dir / "model.safetensors").is_file():
         files = [hf_dir / "model.safetensors"]

@@ -46,9 +46,7 @@ def load_gpt2(model_dir):
     model_dir = Path(model_dir)
     hparams_path = model_dir / "hparams.json"
     what = f"the hyperparameters of an OpenAI GPT-2 checkpoint, a JSON object. {_how_to_get(model_dir)}"
-    hparams = read_json(hparams_path, what)
-    if not isinstance(hparams, dict):
-        raise UserError(f"{hparams_path} holds a JSON {type(hparams).__name__}; it should be {what}")
+    hparams = read_json(hparams_path, what, expect=dict)
     config = config_from(hparams, OPENAI_CONFIG_KEYS, hparams_path)
     tf = _import_tensorflow()
     prefix = tf.train.latest_checkpoint(str(model_dir)) or str(model_dir / "model.ckpt")
