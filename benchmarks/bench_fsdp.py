@@ -20,6 +20,7 @@ import torch.multiprocessing as multiprocessing
 
 from benchmarks.measure import peak_rss_bytes
 from benchmarks.tables import machine_description
+from modules.checkpoint import empty_model
 from modules.config import GPT_CONFIGS
 from modules.errors import run_main
 from modules.lora import apply_lora
@@ -65,7 +66,7 @@ def parse_args(argv=None):
 
 def meta_model(size, lora_rank=None):
     with torch.device("meta"):
-        model = GPTModel(GPT_CONFIGS[size])
+        model = empty_model(GPT_CONFIGS[size])
         return apply_lora(model, lora_rank, lora_rank) if lora_rank else model
 
 

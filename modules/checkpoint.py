@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from .config import ConfigError
 from .errors import UserError
 from .files import atomic_file
-from .lora import merged_state_dict
+from .lora import apply_lora, merged_state_dict
 from .model import GPTModel
 
 KINDS = ("lm", "instruct", "classifier")
@@ -127,10 +127,13 @@ def load_checkpoint(path, device="cpu", kinds=None):
     return open_checkpoint(path, device, kinds).model
 
 
-def model_from_state_dict(config, state_dict):
+def model_from_state_dict(config, state_dict, lora=None):
     """A GPTModel of `config` holding the tensors of `state_dict` (no copies), with no random
-    initialisation drawn first."""
+    initialisation drawn first; with `lora` (rank, alpha), LoRA layers around its matrices, for a state
+    dict that holds adapters apart (a training run's)."""
     model = empty_model(config)
+    if lora:
+        apply_lora(model, *lora)
     model.load_state_dict(state_dict, assign=True)
     if not model.config.get("num_classes"):
         model.tie_weights()  # assign=True gave the head and the token embedding a Parameter each

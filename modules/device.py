@@ -3,6 +3,15 @@ import torch
 from .errors import UserError
 
 
+def available_memory():
+    """Bytes of memory the machine can give without swapping (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def available_devices():
     devices = ["cpu"]
     if torch.cuda.is_available():

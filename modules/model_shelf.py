@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .device import available_memory
 from .errors import UserError
 
 
@@ -57,15 +58,6 @@ class ModelShelf:
 class _Place:
     def __init__(self, name):
         self.name, self.model, self.users, self.loading = name, None, 0, threading.Lock()
-
-
-def available_memory():
-    """Bytes of memory the machine can give without swapping (Linux's MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 def check_fits_in_memory(path):

@@ -20,7 +20,7 @@ from modules.training import sharded_state
 from modules.training.activation_checkpointing import checkpoint_activations
 from modules.training.optimizer import make_optimizer
 from modules.training.sharded_state import load_sharded_state, read_train_state, save_sharded_state
-from modules.training.sharding import gathered_model, local_numel, shard_model
+from modules.training.sharding import gathered_model, shard_model
 
 CONFIG = {"vocab_size": 101, "context_size": 16, "embedding_dim": 32, "num_heads": 2, "num_layers": 3,
           "drop_rate": 0.0, "qkv_bias": True}
@@ -29,6 +29,11 @@ STEPS, RESUME_AT = 6, 3
 BATCH, MICRO_BATCH = 8, 2  # each of 2 processes: 2 micro-batches of 2 samples a step
 CLIP = 0.05  # small enough that every step clips
 LORA = {"rank": 4, "alpha": 8.0}
+
+
+def local_numel(tensors):
+    """Elements of `tensors` that this process holds: its shards of DTensors, all of a plain tensor."""
+    return sum((tensor.to_local() if hasattr(tensor, "to_local") else tensor).numel() for tensor in tensors)
 
 
 def tokens(step):

@@ -25,14 +25,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..checkpoint import empty_model
+from ..device import available_memory
 from ..errors import UserError
 from ..lora import LoRALinear, apply_lora
-from ..model import GPTModel
 
 GB = 1e9
 RUNTIME_BYTES = {"cuda": int(0.6 * GB), "cpu": int(0.5 * GB)}
 ADAM_MOMENTS = 2
-STRATEGIES = ("one process", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -183,13 +183,9 @@ def _smaller_micro_batches(micro_batch):
 
 def _with_lora(model, rank=16):
     with torch.device("meta"):
-        return apply_lora(GPTModel(model.config), rank, alpha=rank)
+        return apply_lora(empty_model(model.config), rank, alpha=rank)
 
 
 def _available_ram():
-    """MemAvailable of Linux's /proc/meminfo (free memory and caches it may drop), else all of the RAM."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The memory the machine can give now (free memory and caches it may drop), else all of the RAM."""
+    return available_memory() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

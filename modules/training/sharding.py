@@ -25,9 +25,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from ..checkpoint import model_from_state_dict
 from ..errors import UserError
-from ..lora import LoRALinear, apply_lora, has_lora
-from ..model import GPTModel
+from ..lora import LoRALinear, has_lora
 from ..speed.precision import resolve_dtype
 
 
@@ -73,17 +73,9 @@ def gathered_model(model):
     state = get_model_state_dict(model, options=options)
     if not state:  # cpu_offload leaves the gathered tensors on the main process only
         return None
-    with torch.device("meta"):
-        whole = GPTModel(model.config)
+    lora = None
     if has_lora(model):
-        lora = next(module for module in model.modules() if isinstance(module, LoRALinear))
-        apply_lora(whole, rank=lora.A.shape[1], alpha=lora.scaling * lora.A.shape[1])
-    whole.load_state_dict(state, assign=True)
-    if not whole.config.get("num_classes"):
-        whole.tie_weights()  # assign=True replaced the shared matrix by two
-    return whole
+        layer = next(module for module in model.modules() if isinstance(module, LoRALinear))
+        lora = (layer.A.shape[1], layer.scaling * layer.A.shape[1])
+    return model_from_state_dict(model.config, state, lora)
 
-
-def local_numel(tensors):
-    """Elements of `tensors` that this process holds: its shards of DTensors, all of a plain tensor."""
-    return sum((tensor.to_local() if hasattr(tensor, "to_local") else tensor).numel() for tensor in tensors)
