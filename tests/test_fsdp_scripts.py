@@ -82,3 +82,14 @@ def test_a_run_the_memory_plan_says_will_not_fit_stops_naming_the_flag(tmp_path,
     with pytest.raises(UserError, match="does not fit.*--activation-checkpointing|does not fit.*no flag"):
         train.main(args)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_float16_under_fsdp_is_refused_also_for_one_process(tmp_path, small_corpus, micro_config):
+    # One process writes the sharded resume state too, and it keeps no gradient scaler.
+    import train
+
+    script, *args = map(str, train_args(small_corpus, micro_config, tmp_path / "m.pt", "--max-steps", "1"))
+    args[args.index("--dtype") + 1] = "float16"
+    with pytest.raises(UserError, match="--parallel fsdp trains in bfloat16 or float32, not float16"):
+        train.main([*args, "--parallel", "fsdp"])
+    assert not (tmp_path / "m.pt").exists()

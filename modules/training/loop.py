@@ -40,7 +40,7 @@ from .plan import BatchPlan, default_warmup_steps, learning_rate_factor, steps_t
 from .reports import last_checkpoint_path, plot_path, plot_training, write_metrics
 from .resume import random_state, restore_random_state, restore_train_state, train_state
 from .sharded_state import restore_sharded_train_state, save_sharded_state, sharded_state_path, sharded_train_state
-from .sharding import gathered_model, root_gathered, shard_model
+from .sharding import gathered_model, root_gathered, shard_model, shardable_dtype
 
 REHEARSAL_STEPS = 3  # --max-time: step 0's gradients computed this often to time a step; the first warms up
 
@@ -82,6 +82,8 @@ class Trainer:
         # --parallel fsdp: the model sharded across the processes, and the resume state written sharded
         # (by one process too, so that any number of processes can resume it).
         self.sharded = settings.parallel == "fsdp" and process.world_size > 1
+        if settings.parallel == "fsdp":
+            shardable_dtype(settings.dtype, process.device)
         self.check_memory(model)  # before the model takes any of the device's memory
         self.model = model.to(process.device)
         if settings.activation_checkpointing:

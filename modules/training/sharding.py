@@ -43,13 +43,21 @@ def shard_model(model, dtype_name, device):
 
 def mixed_precision_policy(dtype_name, device):
     """bfloat16 weights and computation with float32 gradient reduction, or float32 throughout."""
+    dtype = shardable_dtype(dtype_name, device)
+    if dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def shardable_dtype(dtype_name, device):
+    """The dtype --dtype `dtype_name` stands for, refused when float16: a gradient scaler would have to
+    work over the shards, and the sharded resume state (--parallel fsdp writes it with one process too)
+    keeps none."""
     dtype = resolve_dtype(dtype_name, device)
     if dtype == torch.float16:
         raise UserError("--parallel fsdp trains in bfloat16 or float32, not float16 (float16 would need a gradient "
                         "scaler over the shards): use --dtype bfloat16 or --dtype float32")
-    if dtype == torch.float32:
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    return dtype
 
 
 @contextmanager
