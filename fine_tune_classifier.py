@@ -59,6 +59,9 @@ class ClassifierTask(TrainingTask):
         return {"loss": (F.cross_entropy(logits, labels, reduction="sum").item(), size),
                 "accuracy": ((logits.argmax(dim=-1) == labels).sum().item(), size)}
 
+    def longest_batch_tokens(self):
+        return self.max_length  # a batch is as wide as its longest message, at most max_length tokens
+
     def num_tokens(self, batch):
         return int(batch["lengths"].sum())
 

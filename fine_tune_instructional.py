@@ -40,6 +40,10 @@ class InstructionTask(TrainingTask):
         input_ids, targets = collate_instructions(samples, self.max_length, self.mask_prompt)
         return {"input_ids": input_ids, "targets": targets}
 
+    def longest_batch_tokens(self):
+        # A batch is as wide as its longest example (cut at max_length).
+        return self.collate([max(self.train_set, key=lambda sample: len(sample[0]))])["input_ids"].shape[1]
+
     def num_tokens(self, batch):
         return int((batch["targets"] != IGNORE_INDEX).sum())
 

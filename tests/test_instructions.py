@@ -129,3 +129,16 @@ def test_max_length_cuts_inputs_and_targets():
     inputs, targets = collate_instructions([dataset[0]], max_length=10)
     assert inputs.shape == targets.shape == (1, 10)
     assert inputs[0].tolist() == dataset[0][0][:10] and targets[0].tolist() == dataset[0][0][1:11]
+
+
+def test_the_memory_plan_sees_the_widest_batch_not_the_first():
+    # Batches are padded to their longest example: the first batch's width can be far below a later one's.
+    from fine_tune_instructional import InstructionTask
+
+    entries = [{"instruction": "Say hi.", "input": "", "output": "Hi."},
+               {"instruction": "Count. " * 40, "input": "", "output": "1 2 3"},
+               {"instruction": "Say bye.", "input": "", "output": "Bye."}]
+    dataset = InstructionDataset(entries)
+    widest = len(dataset[1][0])  # its ids and the end token, less the one that is only a target
+    assert InstructionTask(dataset, dataset, 1024, False, 0, {}).longest_batch_tokens() == widest
+    assert InstructionTask(dataset, dataset, 50, False, 0, {}).longest_batch_tokens() == 50  # cut at max_length

@@ -123,9 +123,8 @@ class Trainer:
     def check_memory(self, model):
         """The memory each process will need (memory_plan.py), printed; a run that will not fit stops
         here, with the flag that would make it fit."""
-        first = self.task.collate([self.task.train_set[i] for i in self.batches.micro_batches(0)[0]])
         strategy = "fsdp" if self.sharded else "ddp" if self.process.world_size > 1 else "one process"
-        shape = RunShape(strategy, self.process.world_size, self.batches.micro_batch, first["input_ids"].shape[1],
+        shape = RunShape(strategy, self.process.world_size, self.batches.micro_batch, self.task.longest_batch_tokens(),
                          resolve_dtype(self.settings.dtype, self.process.device).itemsize,
                          self.settings.activation_checkpointing, self.process.device.type)
         available = memory_per_process(self.process.device)

@@ -33,6 +33,10 @@ class TrainingTask:
         size = len(batch["input_ids"])
         return {"loss": (self.loss(model, batch).item() * size, size)}
 
+    def longest_batch_tokens(self):
+        """The most tokens a training batch can be wide (the memory plan's context): here every window is."""
+        return self.collate([self.train_set[0]])["input_ids"].shape[1]
+
     def num_tokens(self, batch):
         """Tokens trained on in a batch, for the tokens-per-second shown while training."""
         return batch["input_ids"].numel()
