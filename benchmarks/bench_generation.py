@@ -156,8 +156,8 @@ def run(args):
                 same = (outputs[dtype, path] == outputs["reference"]).float().mean().item()
                 tokens = f"{same:.0%} of the greedy tokens as transformers'"
             auto = " (--dtype auto)" if dtype == native_dtype(device) else ""
-            row = Row(f"W1 generation, {dtype}{auto}{label.removeprefix(dtype)} against transformers' float32, "
-                      f"batch {batch_size}, {shape}, {tokens}", "new tokens/s", speeds[dtype, path], speeds["reference"])
+            row = Row(f"W1 generation, {dtype}{auto}{label.removeprefix(dtype)}, batch {batch_size}, {shape}, "
+                      f"against transformers' float32, {tokens}", "new tokens/s", speeds[dtype, path], speeds["reference"])
             rows.append(row)
             if batch_size != 1:
                 continue
