@@ -27,11 +27,10 @@ from modules.checkpoint import KINDS, CheckpointError, open_checkpoint, read_che
 from modules.classification import classifier_settings, classify
 from modules.device import get_device
 from modules.errors import UserError, check_flag
-from modules.generation import stream_text
+from modules.generation import prompt_ids, stream_text
 from modules.model_shelf import ModelShelf, check_fits_in_memory, out_of_memory
 from modules.speed import add_generation_args, compiled_decoding, generation_dtype, prepare_for_generation
 from modules.speed.compiled_generation import compiled_decoding_if_any
-from modules.tokenizer import encode, get_tokenizer
 from modules.datasets.instructions import format_prompt
 
 # Sampling makes a small pretrained model read better; instruction tuning is judged on greedy answers,
@@ -90,6 +89,11 @@ def load_model(path, device, dtype_name, compiled=False):
     with st.spinner("Loading the model..."):
         loaded = open_checkpoint(path, device=device, kinds=KINDS)
         prepare_for_generation(loaded.model, dtype_name, compiled)
+    if compiled and loaded.kind in GENERATION_DEFAULTS:
+        # Built once per model, while the first answers come from the eager step: the step for a prompt of
+        # up to 64 tokens at the default length. Other lengths are built when first asked for.
+        tokens = 64 + GENERATION_DEFAULTS[loaded.kind]["max_new_tokens"]
+        compiled_decoding(loaded.model).ready_or_build_in_background(1, tokens)
     return loaded
 
 
@@ -97,11 +101,12 @@ def stream_answer(model, prompt, settings):
     """stream_text(model, prompt, **settings) with the compiled decoding step once it is built for this
     length (in the background, meanwhile the eager step answers); a caption says which one answered."""
     decoding = compiled_decoding_if_any(model)  # None without --compile
-    tokens = len(encode(prompt, get_tokenizer())) + settings["max_new_tokens"]
+    input_ids = prompt_ids(prompt, next(model.parameters()).device)
+    tokens = input_ids.shape[1] + settings["max_new_tokens"]
     compiled = decoding is not None and decoding.ready_or_build_in_background(1, tokens)
     st.caption("Answered by the compiled decoding step." if compiled else "Answered by the eager step"
                + ("; the compiled one is being built." if decoding and not decoding.failed else "."))
-    return stream_text(model, prompt, **settings, compiled=compiled)
+    return stream_text(model, input_ids, **settings, compiled=compiled)
 
 
 def plain_text_as_markdown(text):
@@ -256,7 +261,7 @@ def main():
         key = (str(path), path.stat().st_mtime_ns, str(device), args.dtype, args.compile)
         with model_shelf(args.max_models).borrow(key, lambda: load_model(path, device, args.dtype, args.compile),
                                                 path.name) as loaded:
-            show_model(loaded, path, device, args.compile)
+            show_model(loaded, path, device)
     except UserError as error:  # CheckpointError included: the other checkpoints stay usable
         st.error(str(error))
     except Exception as error:
@@ -266,13 +271,11 @@ def main():
                  "are generating (the other sessions go on)")
 
 
-def show_model(loaded, path, device, compile_step=False):
+def show_model(loaded, path, device):
     model = loaded.model
     parameters = sum(parameter.numel() for parameter in model.parameters())
     st.header(TITLES[loaded.kind])
     st.caption(f"`{path}` · {loaded.kind} · {parameters / 1e6:.1f}M parameters · {device} · {generation_dtype(model)}")
-    if compile_step and loaded.kind in GENERATION_DEFAULTS:  # a prompt of up to 64 tokens, the default length
-        compiled_decoding(model).ready_or_build_in_background(1, 64 + GENERATION_DEFAULTS[loaded.kind]["max_new_tokens"])
     PAGES[loaded.kind](loaded)
 
 

@@ -52,8 +52,8 @@ def generator_of(side, model, dtype_name="float32", compiled=True):
     prepared as the generating scripts prepare it for --dtype `dtype_name`."""
     model.eval()
     if side == "ours":
-        prepare_for_generation(model, dtype_name, compiled)
-        return lambda prompt, new_tokens: generate(model, prompt, new_tokens, compiled=compiled)
+        prepare_for_generation(model, dtype_name, compiled)  # generate runs compiled if prepared so
+        return lambda prompt, new_tokens: generate(model, prompt, new_tokens)
     # Random weights may produce <|endoftext|>; like ours, the reference must not stop there.
     model.generation_config.eos_token_id = None
     return lambda prompt, new_tokens: model.generate(

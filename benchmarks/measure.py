@@ -1,14 +1,16 @@
 """Measuring: wall time, memory, the machine's own limits, how busy other processes kept it, and the fresh
-worker processes in which a side's peak memory is taken.
+worker processes in which a side's peak memory is taken, or which stay to run one engine each.
 
 Speeds are medians of several alternating runs; peak memory is taken in fresh processes, one per side,
 because a process's peak RSS never goes down.
 """
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -147,3 +149,53 @@ def run_workers(module, flag_lists, parallel=False):
 def report_from_worker(values):
     """The worker's side of run_worker: print its measurements as the last line of stdout."""
     print(json.dumps(values), flush=True)
+
+
+class ResidentWorker:
+    """A worker process that stays: `python -m <module> <flags>` started once, then asked for one run at a
+    time (a JSON line each way; benchmarks.engines.WorkerChannel is its side), so that the timed runs of several workers, each
+    with its own libraries and threads, can take turns in one benchmark.
+
+    `ready` is the worker's first message, or None and `error` says why it is gone."""
+
+    def __init__(self, module, flags, env=None):
+        self.log = tempfile.TemporaryFile("w+")  # its stderr: a pipe nobody reads could fill and block it
+        self.process = subprocess.Popen([sys.executable, "-m", module, *map(str, flags)], cwd=REPO, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                        env={**os.environ, **(env or {})})
+        self.error = None
+        self.ready = self.receive()
+        if self.ready is not None and "error" in self.ready:
+            self.error, self.ready = self.ready["error"], None
+            self.close()
+
+    def receive(self):
+        """The worker's next message; None (and `error` set) when it died instead."""
+        line = self.process.stdout.readline()
+        if line:
+            return json.loads(line)
+        self.process.wait()
+        self.log.seek(0)
+        last = [line for line in self.log.read().splitlines() if line.strip()][-1:] or ["nothing on stderr"]
+        self.error = f"the worker process ended (exit status {self.process.returncode}): {last[0][:300]}"
+        return None
+
+    def ask(self, request):
+        """Send `request` (a dict); the worker's answer, or None when it died (see `error`)."""
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass
+        return self.receive()
+
+    def close(self):
+        """End the worker: it stops when its stdin closes."""
+        if self.process.stdin and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except BrokenPipeError:
+                pass
+        self.process.wait()
+        self.log.close()
+

@@ -1,4 +1,5 @@
-"""Run every benchmark (generation, training, loading) against its reference and print one Markdown table.
+"""Run every benchmark (generation, also against the other engines, training, loading) against its reference
+and print one Markdown table.
 
     python -m benchmarks.run_all                   # GPT-2 124M on this machine's CPU (minutes)
     python -m benchmarks.run_all --size 355M --device cuda
@@ -12,13 +13,13 @@ more flags.
 import sys
 import time
 
-from benchmarks import bench_generation, bench_loading, bench_training
+from benchmarks import bench_engines, bench_generation, bench_loading, bench_training
 from benchmarks.measure import BackgroundLoad
 from benchmarks.script import common_flags, common_parser, setup
 from benchmarks.tables import machine_description, markdown_table
 from modules.errors import run_main
 
-WORKLOADS = {"generation": bench_generation, "training": bench_training, "loading": bench_loading}
+WORKLOADS = {"generation": bench_generation, "engines": bench_engines, "training": bench_training, "loading": bench_loading}
 
 
 def main():
@@ -35,7 +36,7 @@ def main():
             rows += script.run(script.parse_args(common_flags(args)))
     size = "quick (tiny model)" if args.quick else f"GPT-2 {args.size}"
     print(f"\n{size}, {machine_description(device, args.threads)}; {time.perf_counter() - start:.0f} s. "
-          f"{load.describe()} Reference: transformers' GPT2LMHeadModel (W1, W2), the original project's loader (W3).\n")
+          f"{load.describe()} Reference: transformers' GPT2LMHeadModel (W1, W2), the other engines (W1 engines), the original project's loader (W3).\n")
     print(markdown_table(rows), flush=True)
 
 

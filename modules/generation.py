@@ -40,7 +40,7 @@ def pick_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=N
 
 @torch.inference_mode()
 def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                  eos_token_id=None, generator=None, attention_mask=None, use_cache=True, compiled=False):
+                  eos_token_id=None, generator=None, attention_mask=None, use_cache=True, compiled=None):
     """Yield the next token of every sequence, a (batch,) tensor per step.
 
     input_ids: (batch, tokens). Prompts longer than the context are cropped to their last tokens.
@@ -48,7 +48,8 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
     eos_token_id: a sequence that produced it keeps producing it; the stream stops when all have.
     generator: a torch.Generator for reproducible sampling.
     compiled: a static KV cache and the decoding step compiled once per shape (modules/speed/compiled_generation.py);
-        the first call with a new batch size or cache length compiles, or finds the result on disk.
+        the first call with a new batch size or cache length compiles, or finds the result on disk. None
+        (the default): as the model was prepared (prepare_for_generation(..., compiled=True) or not).
     """
     if temperature < 0:
         raise ValueError("temperature must be >= 0 (0 is greedy)")
@@ -58,9 +59,11 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
         attention_mask = attention_mask[:, -context_size:].bool()
     batch = tokens.shape[0]
     kv_cache, step = None, decode_step
-    if compiled:
-        from .speed.compiled_generation import compiled_decoding
+    from .speed.compiled_generation import compiled_decoding, compiled_decoding_if_any
 
+    if compiled is None:
+        compiled = compiled_decoding_if_any(model) is not None
+    if compiled:
         compiled = not compiled_decoding(model).failed  # where compiling failed, the growing cache is faster
     if compiled:
         kv_cache, step = StaticKVCache.for_model(model, batch, tokens.shape[1] + max_new_tokens), compiled_decoding(model).step
@@ -89,7 +92,7 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
 
 
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
-             generator=None, attention_mask=None, use_cache=True, compiled=False):
+             generator=None, attention_mask=None, use_cache=True, compiled=None):
     """The input ids followed by up to `max_new_tokens` new ones, (batch, tokens + new).
 
     Generation ends early when every sequence has produced `eos_token_id` (which is kept). Arguments as
@@ -102,16 +105,22 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
 
+def prompt_ids(prompt, device):
+    """The token ids of the text `prompt`, (1, tokens); an empty prompt starts from <|endoftext|>."""
+    return torch.tensor([encode(prompt, get_tokenizer()) or [END_OF_TEXT_ID]], device=device)
+
+
 def stream_text(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-                stop_at_end_of_text=True, compiled=False):
+                stop_at_end_of_text=True, compiled=None):
     """Yield the continuation of `prompt` as text pieces as soon as they are generated (for the app).
 
+    prompt: the text, or its prompt_ids when the caller needed them first (the app counts them).
     A character can span several tokens (emoji, accented letters), so bytes are decoded incrementally
     and a piece is yielded only once it holds whole characters.
     """
     tokenizer = get_tokenizer()
     device = next(model.parameters()).device
-    input_ids = torch.tensor([encode(prompt, tokenizer) or [END_OF_TEXT_ID]], device=device)
+    input_ids = prompt.to(device) if torch.is_tensor(prompt) else prompt_ids(prompt, device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

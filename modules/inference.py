@@ -93,11 +93,9 @@ class StaticKVCache:
         """(positions, mask) of a prompt of `tokens` columns written into slots 0..tokens-1."""
         self.filled[:, :tokens] = True if attention_mask is None else attention_mask
         self.write_slots = self.slot_ids[:tokens]
-        positions = (self.filled[:, :tokens].long().cumsum(-1) - 1).clamp(min=0)
-        queries, keys = self.write_slots[:, None], self.slot_ids[None, :]
-        mask = (keys <= queries)[None, None] & self.filled[:, None, None, :]
-        # A padding query would see no key at all (softmax of nothing is NaN): let it see itself.
-        return positions, mask | (keys == queries)[None, None]
+        device = self.filled.device
+        return (token_positions(self.filled[:, :tokens], 0, tokens, device),
+                attention_mask_for(self.filled, 0, tokens, device))
 
     def step_inputs(self, slot):
         """(positions, mask) of one new real token per sequence written into `slot`, a (1,) tensor."""
@@ -185,14 +183,17 @@ def token_positions(attention_mask, past, new_tokens, device):
 
 def attention_mask_for(attention_mask, past, new_tokens, device):
     """The mask MultiHeadAttention takes: None where plain causal attention is right (no padding, nothing
-    cached), else (batch or 1, 1, new_tokens, past + new_tokens), True where a query may attend to a key."""
+    cached), else (batch or 1, 1, new_tokens, keys), True where a query may attend to a key. The keys are
+    the past and new tokens, or as many as `attention_mask` (batch, keys) has columns (a StaticKVCache's
+    slots, the later ones not written yet)."""
     if attention_mask is None and past == 0:
         return None
+    keys = past + new_tokens if attention_mask is None else attention_mask.shape[1]
     query_positions = torch.arange(past, past + new_tokens, device=device)[:, None]
-    key_positions = torch.arange(past + new_tokens, device=device)[None, :]
+    key_positions = torch.arange(keys, device=device)[None, :]
     mask = (key_positions <= query_positions)[None, None]  # causal, queries after the cached tokens
     if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, :past + new_tokens].bool()
+        mask = mask & attention_mask[:, None, None, :].bool()
         # A padding query would see no key at all (softmax of nothing is NaN): let it see itself.
         mask = mask | (key_positions == query_positions)
     return mask

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import find_checkpoints, plain_text_as_markdown
+from app import GENERATION_DEFAULTS, find_checkpoints, plain_text_as_markdown
 from modules.classification import classify
 from modules.generation import stream_text
 from modules.speed import auto_dtype
 from modules.datasets.instructions import format_prompt
-from tests.app_helpers import app_model, CLASSIFIER_SETTINGS, ROOT, save_classifier, save_lm, start_app
+from tests.app_helpers import app_model, CLASSIFIER_SETTINGS, EXACT, ROOT, save_classifier, save_lm, start_app
 
 
 def output_text(at):
@@ -183,3 +183,37 @@ def test_the_default_precision_is_the_machines_native_one(tmp_path, monkeypatch)
     assert at.caption[0].value.endswith(f"· cpu · {expected}")
     at.button[0].click().run()
     assert not at.exception and len(output_text(at)) > len("Every effort moves you")
+
+
+def test_an_answer_encodes_its_prompt_once(tmp_path, monkeypatch):
+    # The app counts the prompt's tokens (for the compiled step's length) and generates from those ids.
+    import modules.generation
+    import modules.tokenizer
+
+    encoded = []
+
+    def counting_encode(text, tokenizer=None, real=modules.tokenizer.encode):
+        encoded.append(text)
+        return real(text, tokenizer)
+
+    monkeypatch.setattr(modules.tokenizer, "encode", counting_encode)
+    monkeypatch.setattr(modules.generation, "encode", counting_encode)
+    save_lm(tmp_path / "lm.pt")
+    at = start_app(tmp_path, monkeypatch)
+    at.text_area[0].input("Once upon a time")
+    at.button[0].click().run()
+    assert not at.exception and output_text(at).startswith("Once upon a time")
+    assert encoded.count("Once upon a time") == 1, encoded
+
+
+def test_with_compile_the_step_is_built_in_the_background_once_per_model(tmp_path, monkeypatch):
+    from modules.speed.compiled_generation import CompiledDecoding
+
+    builds = []
+    monkeypatch.setattr(CompiledDecoding, "compile_in_background", lambda self, *shape: builds.append(shape))
+    save_lm(tmp_path / "lm.pt")
+    at = start_app(tmp_path, monkeypatch, flags=(*EXACT, "--compile"))
+    at.run()  # a rerun (any click) must not start another
+    assert builds == [(1, 64 + GENERATION_DEFAULTS["lm"]["max_new_tokens"])]
+    at.button[0].click().run()  # the answer comes from the eager step while the build is not done
+    assert not at.exception and "Answered by the eager step" in " ".join(caption.value for caption in at.caption)

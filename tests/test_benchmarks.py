@@ -1,4 +1,5 @@
 """The benchmarks run end to end on a tiny model, so they cannot rot. Nothing here asserts a timing."""
+import importlib.util
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ def test_run_all_quick_prints_every_workload_with_ratios():
     expected = ["W1 generation, float32, batch 1", "W1 batch 1, float32: share of the memory bound",
                 "W1 generation, float32, batch 8", "W1 peak memory, float32", "W2 training step, float32",
                 "W2 model FLOPs utilisation, float32", "W2 peak memory, float32", "W3 loading an OpenAI checkpoint",
-                "W3 loading, RSS growth"]
+                "W3 loading, RSS growth", "W1 engines, ours float32, batch 1", "W1 engines, transformers float32"]
     if auto_dtype("cpu") == torch.bfloat16:  # where the CPU computes bfloat16 natively, its rows too
         expected += ["W1 generation, bfloat16 (--dtype auto)", "W1 batch 1, bfloat16: share of the memory bound",
                      "W2 training step, bfloat16 autocast", "W2 model FLOPs utilisation, bfloat16"]
@@ -34,6 +35,33 @@ def test_run_all_quick_prints_every_workload_with_ratios():
     for row in rows:
         reference, ratio = row.split(" | ")[2:4]
         assert reference == "–" or re.fullmatch(r"\d+\.\d\dx", ratio), row  # a side by side row has its ratio
+
+
+def test_engines_benchmark_runs_the_installed_engines_and_names_why_the_others_are_skipped(tmp_path):
+    # Where an engine is installed (CTranslate2 on the developers' machine), it runs on the tiny model's
+    # weights; where it is not (llama.cpp there, both in CI), its row says so and the others still run.
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_engines", "--quick", "--dtypes", "float32",
+                             "--repeats", "1", "--folder", str(tmp_path),
+                             "--peers", "transformers:float32", "ctranslate2:int8", "llama.cpp:q8_0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| W1 engines")]
+    assert re.search(r"\d+ cores \(.*\), \d+ threads, torch ", result.stdout), result.stdout
+    assert any(row.startswith("| W1 engines, ours float32, batch 1, 8+16 tokens: ") and "% of its memory bound" in row
+               for row in rows), result.stdout
+    # The same weights and prompt reach every engine: transformers' greedy tokens are our float32's.
+    assert any(row.startswith("| W1 engines, transformers float32 against ours float32")
+               and "greedy tokens all as ours float32's" in row and re.search(r" \| \d+\.\d\dx \| ", row)
+               for row in rows), result.stdout
+    for name, module, package, dtype in [("CTranslate2", "ctranslate2", "ctranslate2", "int8"),
+                                         ("llama.cpp", "llama_cpp", "llama-cpp-python", "q8_0")]:
+        if importlib.util.find_spec(module) is None:
+            expected = f"| W1 engines, {name} {dtype}: skipped, {package} is not installed (pip install -r requirements-bench.txt)"
+            assert any(row.startswith(expected) for row in rows), (expected, result.stdout)
+        else:
+            assert any(re.match(rf"\| W1 engines, {re.escape(name)} [\d.]+ {dtype} against ours float32, .*"
+                                r" \| \d+\.\d\dx \| ", row) for row in rows), (name, result.stdout)
+    assert any(row.startswith("| W1 engines, our fastest (ours float32) against the fastest engine (") for row in rows)
 
 
 def test_flop_formula_is_nanogpts():

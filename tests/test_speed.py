@@ -151,7 +151,7 @@ from modules.generation import generate
 from modules.speed import prepare_for_generation
 torch.manual_seed(0)
 model = prepare_for_generation(GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 64}).eval(), "auto", compiled=True)
-print(generate(model, torch.randint(0, 50257, (1, 8)), 40, compiled=True)[0, 8:].tolist())
+print(generate(model, torch.randint(0, 50257, (1, 8)), 40)[0, 8:].tolist())  # compiled, as prepared
 """
 
 

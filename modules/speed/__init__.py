@@ -26,8 +26,7 @@ GENERATION_DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 
 def add_generation_args(parser):
-    """The --dtype and --compile flags of the scripts that generate (for prepare_for_generation and
-    generate(..., compiled=args.compile))."""
+    """The --dtype and --compile flags of the scripts that generate (for prepare_for_generation)."""
     parser.add_argument("--dtype", choices=GENERATION_DTYPES, default="auto",
                         help="precision of the weights while generating: auto is bfloat16 where the GPU or CPU "
                              "computes it natively (AMX, AVX512-BF16), else float32; int8: int8 matrices with a "
@@ -42,12 +41,18 @@ def prepare_for_generation(model, dtype_name="auto", compiled=False):
     """The model as the generating code paths run it (the app, evaluate_responses.py, get_gpt_weights.py's
     sample, the benchmarks): its weights in the dtype --dtype `dtype_name` stands for (auto: bfloat16 where
     the machine computes it natively, which halves the bytes each generated token reads; int8: a quarter
-    of float32's, modules/speed/int8.py) and, unless it is to run `compiled` (generate(..., compiled=True)),
-    the linear kernels measured fastest. Changes `model` in place and returns it."""
+    of float32's, modules/speed/int8.py) and either, `compiled`, its compiled decoding step (made on
+    first use; generate then uses it unless told otherwise) or the linear kernels measured fastest.
+    Changes `model` in place and returns it."""
     if dtype_name == "int8":
-        return quantize_int8(model)
-    model = model.to(resolve_dtype(dtype_name, model.token_embedding.weight.device))
-    return model if compiled else use_fastest_linear_kernels(model)
+        quantize_int8(model)
+    else:
+        model.to(resolve_dtype(dtype_name, model.token_embedding.weight.device))
+        if not compiled:
+            use_fastest_linear_kernels(model)
+    if compiled:
+        compiled_decoding(model)
+    return model
 
 
 def generation_dtype(model):
