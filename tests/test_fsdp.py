@@ -225,10 +225,31 @@ def test_activation_checkpointing_changes_no_loss_or_gradient():
         loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
         loss.backward()
         losses.append(loss.item())
-        gradients.append({name: p.grad for name, p in model.named_parameters()})
+        gradients.append({name: p.grad for name, p in model.state_dict(keep_vars=True).items()})
     assert losses[0] == losses[1]
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, atol=0, rtol=0)
+
+
+def test_activation_checkpointing_keeps_only_the_blocks_inputs_for_the_backward_pass():
+    def activations_kept(checkpointed):
+        """How many numbers the backward pass keeps, not counting the weights it keeps in both runs."""
+        model = new_model()
+        if checkpointed:
+            checkpoint_activations(model)
+        weights = {p.data_ptr() for p in model.parameters()}
+        kept = []
+
+        def keep(tensor):
+            if tensor.data_ptr() not in weights:
+                kept.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(tokens(0)[0]).sum().backward()
+        return sum(kept)
+
+    assert activations_kept(True) < activations_kept(False) / 2
 
 
 def test_activation_checkpointing_leaves_the_state_dict_and_evaluation_unchanged():
@@ -238,6 +259,14 @@ def test_activation_checkpointing_leaves_the_state_dict_and_evaluation_unchanged
     assert list(model.state_dict()) == names
     with torch.no_grad():
         torch.testing.assert_close(model(tokens(0)[0]), new_model()(tokens(0)[0]))
+
+
+def test_a_checkpointed_lora_model_saves_the_merged_weights_of_a_plain_one():
+    plain, checkpointed = new_model(lora=True), checkpoint_activations(new_model(lora=True))
+    expected, merged = merged_state_dict(plain), merged_state_dict(checkpointed)
+    assert list(merged) == list(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, atol=0, rtol=0)
 
 
 def test_a_state_of_another_model_is_refused_in_one_line(tmp_path):
