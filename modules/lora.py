@@ -53,7 +53,7 @@ def apply_lora(model, rank, alpha):
         for parent in block.modules():
             for name, child in list(parent.named_children()):
                 if name in LORA_TARGETS and isinstance(child, nn.Linear):
-                    setattr(parent, name, LoRALinear(child, rank, alpha))
+                    parent.register_module(name, LoRALinear(child, rank, alpha))
     return model
 
 
@@ -93,7 +93,7 @@ def merge_lora(model):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 child.linear.weight.copy_(child.merged_weight())
-                setattr(parent, name, child.linear)
+                parent.register_module(name, child.linear)
     return model
 
 
