@@ -53,7 +53,7 @@ def apply_lora(model, rank, alpha):
         for parent in block.modules():
             for name, child in list(parent.named_children()):
                 if name in LORA_TARGETS and isinstance(child, nn.Linear):
-                    setattr(parent, name, LoRALinear(child, rank, alpha))
+                    parent.register_module(name, LoRALinear(child, rank, alpha))
     return model
 
 
@@ -93,7 +93,7 @@ def merge_lora(model):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 child.linear.weight.copy_(child.merged_weight())
-                setattr(parent, name, child.linear)
+                parent.register_module(name, child.linear)
     return model
 
 
@@ -101,10 +101,14 @@ def merge_lora(model):
 def merged_state_dict(model):
     """model.state_dict() as the merged model would have it, leaving `model` unchanged: the form in
     which checkpoints store weights, so every checkpoint loads into a plain GPTModel."""
-    state = model.state_dict()
-    for name, module in model.named_modules():
+    state = model.state_dict(keep_vars=True)
+    # Each adapter's entries by the name the state dict gives them, which a wrapper of its block (activation
+    # checkpointing) leaves out of the module's own name.
+    names = {id(tensor): name for name, tensor in state.items()}
+    state = {name: tensor.detach() for name, tensor in state.items()}
+    for module in model.modules():
         if isinstance(module, LoRALinear):
-            prefix = f"{name}."
+            prefix = names[id(module.A)].removesuffix("A")
             del state[prefix + "A"], state[prefix + "B"], state[prefix + "linear.weight"]
             state[prefix + "weight"] = module.merged_weight()
             if prefix + "linear.bias" in state:

@@ -18,6 +18,7 @@ from modules.lora import apply_lora, merged_state_dict
 from modules.model import GPTModel
 from modules.training import sharded_state
 from modules.training.activation_checkpointing import checkpoint_activations
+from modules.training.distributed import TrainingProcess
 from modules.training.optimizer import make_optimizer
 from modules.training.sharded_state import load_sharded_state, read_train_state, save_sharded_state
 from modules.training.sharding import gathered_model, shard_model
@@ -25,6 +26,8 @@ from modules.training.sharding import gathered_model, shard_model
 CONFIG = {"vocab_size": 101, "context_size": 16, "embedding_dim": 32, "num_heads": 2, "num_layers": 3,
           "drop_rate": 0.0, "qkv_bias": True}
 WORLD = 2
+CPU = torch.device("cpu")
+ALONE = TrainingProcess(0, 1, CPU)  # one process, no process group
 STEPS, RESUME_AT = 6, 3
 BATCH, MICRO_BATCH = 8, 2  # each of 2 processes: 2 micro-batches of 2 samples a step
 CLIP = 0.05  # small enough that every step clips
@@ -92,7 +95,7 @@ def _fsdp_process(rank, port, folder):
     model = shard_model(new_model(), "float32", torch.device("cpu"))
     optimizer = make_optimizer(model, 1e-2, 0.1, "cpu")
     results["losses"] = train(model, optimizer, range(RESUME_AT), rank, WORLD)
-    save_sharded_state(folder / "state", model, optimizer, train_state(RESUME_AT), rank == 0)
+    save_sharded_state(folder / "state", model, optimizer, train_state(RESUME_AT), TrainingProcess(rank, WORLD, CPU))
     results["losses"] += train(model, optimizer, range(RESUME_AT, STEPS), rank, WORLD)
     results["local_parameters"] = local_numel(model.parameters())
     results["local_optimizer_state"] = local_numel(value for state in optimizer.state.values()
@@ -225,10 +228,31 @@ def test_activation_checkpointing_changes_no_loss_or_gradient():
         loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
         loss.backward()
         losses.append(loss.item())
-        gradients.append({name: p.grad for name, p in model.named_parameters()})
+        gradients.append({name: p.grad for name, p in model.state_dict(keep_vars=True).items()})
     assert losses[0] == losses[1]
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, atol=0, rtol=0)
+
+
+def test_activation_checkpointing_keeps_only_the_blocks_inputs_for_the_backward_pass():
+    def activations_kept(checkpointed):
+        """How many numbers the backward pass keeps, not counting the weights it keeps in both runs."""
+        model = new_model()
+        if checkpointed:
+            checkpoint_activations(model)
+        weights = {p.data_ptr() for p in model.parameters()}
+        kept = []
+
+        def keep(tensor):
+            if tensor.data_ptr() not in weights:
+                kept.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(tokens(0)[0]).sum().backward()
+        return sum(kept)
+
+    assert activations_kept(True) < activations_kept(False) / 2
 
 
 def test_activation_checkpointing_leaves_the_state_dict_and_evaluation_unchanged():
@@ -240,11 +264,19 @@ def test_activation_checkpointing_leaves_the_state_dict_and_evaluation_unchanged
         torch.testing.assert_close(model(tokens(0)[0]), new_model()(tokens(0)[0]))
 
 
+def test_a_checkpointed_lora_model_saves_the_merged_weights_of_a_plain_one():
+    plain, checkpointed = new_model(lora=True), checkpoint_activations(new_model(lora=True))
+    expected, merged = merged_state_dict(plain), merged_state_dict(checkpointed)
+    assert list(merged) == list(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, atol=0, rtol=0)
+
+
 def test_a_state_of_another_model_is_refused_in_one_line(tmp_path):
     model = new_model()
     optimizer = make_optimizer(model, 1e-2, 0.1, "cpu")
     train(model, optimizer, range(1))
-    save_sharded_state(tmp_path, model, optimizer, train_state(1), True)
+    save_sharded_state(tmp_path, model, optimizer, train_state(1), ALONE)
     other_config = {**CONFIG, "num_layers": 2}
     with pytest.raises(UserError, match="different model"):
         read_train_state(tmp_path, other_config)
@@ -259,7 +291,7 @@ def test_an_interrupted_save_leaves_the_previous_state_usable(tmp_path, monkeypa
     model = new_model()
     optimizer = make_optimizer(model, 1e-2, 0.1, "cpu")
     train(model, optimizer, range(1))
-    save_sharded_state(tmp_path, model, optimizer, train_state(1), True)
+    save_sharded_state(tmp_path, model, optimizer, train_state(1), ALONE)
     saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     train(model, optimizer, range(1, 2))
 
@@ -269,7 +301,7 @@ def test_an_interrupted_save_leaves_the_previous_state_usable(tmp_path, monkeypa
 
     monkeypatch.setattr(sharded_state.dcp, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_sharded_state(tmp_path, model, optimizer, train_state(2), True)
+        save_sharded_state(tmp_path, model, optimizer, train_state(2), ALONE)
     monkeypatch.undo()
     state_folder, state = read_train_state(tmp_path, CONFIG)
     assert state["progress"]["step"] == 1

@@ -48,7 +48,7 @@ def test_measured_kernels_give_the_plain_logits_and_tokens(monkeypatch, winner, 
 
 
 def test_a_packed_weight_follows_changes_of_the_weight():
-    layer = kernels.MeasuredLinear(8, 4)
+    layer = kernels.MeasuredLinear(torch.nn.Linear(8, 4))
     x = torch.randn(2, 8)
     with torch.no_grad():
         kernels.onednn_packed_linear(layer, x)

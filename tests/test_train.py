@@ -201,3 +201,6 @@ def test_each_setting_is_one_field_that_makes_its_flag_and_checks_its_range():
         TrainingSettings(out="m.pt", lr_schedule="linear")
     with pytest.raises(TypeError, match="no such setting"):
         add_training_args(argparse.ArgumentParser(), learning_rate=1e-3)
+    switched_on = argparse.ArgumentParser()  # a script's default True holds, and --no-compile turns it off
+    add_training_args(switched_on, compile=True)
+    assert switched_on.parse_args([]).compile and not switched_on.parse_args(["--no-compile"]).compile

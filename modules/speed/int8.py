@@ -41,5 +41,5 @@ def quantize_int8(model):
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear(child))
+                parent.register_module(name, Int8Linear(child))
     return model

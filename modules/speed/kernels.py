@@ -51,11 +51,8 @@ def onednn_linear(layer, x):
 
 def onednn_packed_linear(layer, x):
     """oneDNN's kernel on a copy of the weight reordered once into oneDNN's blocked layout: more memory
-    (the copy), no conversion at each call. The copy follows the weight if it changes."""
-    if getattr(layer, "_packed_version", None) != layer.weight._version:
-        layer._packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), x.numel() // x.shape[-1])
-        layer._packed_version = layer.weight._version
-    return torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "none", [], "")
+    (the copy), no conversion at each call (MeasuredLinear.packed_weight)."""
+    return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight(x.numel() // x.shape[-1]), layer.bias, "none", [], "")
 
 
 def pytorch_matrix_vector(layer, x):
@@ -76,22 +73,42 @@ def candidate_kernels(weight, rows):
 
 
 class MeasuredLinear(nn.Linear):
-    """nn.Linear whose forward, without gradients on the CPU, runs the kernel measured fastest for its shape."""
+    """An nn.Linear's own weight and bias (the same Parameters, so tied weights stay tied), whose forward,
+    without gradients on the CPU, runs the kernel measured fastest for its shape."""
+
+    def __init__(self, linear):
+        nn.Module.__init__(self)  # not nn.Linear's, which would make and initialise new weights
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_parameter("weight", linear.weight)
+        self.register_parameter("bias", linear.bias)
+        self.packed, self.packed_version = None, None
 
     def forward(self, x):
         if torch.is_grad_enabled() or x.device.type != "cpu" or not ONEDNN_AVAILABLE or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)  # under torch.compile the compiler picks the kernel
         return fastest_kernel(self, x)(self, x)
 
+    def packed_weight(self, rows):
+        """The weight in oneDNN's blocked layout for products of `rows` rows, made again when the weight
+        changed (load_state_dict, merge_lora after a first generation)."""
+        if self.packed_version != self.weight._version:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows)
+            self.packed_version = self.weight._version
+        return self.packed
+
+    def drop_packed_weight(self):
+        self.packed, self.packed_version = None, None
+
 
 def use_fastest_linear_kernels(model):
-    """Turn the nn.Linear layers of `model` into MeasuredLinear (same parameters, in place); returns it.
+    """Put a MeasuredLinear around each nn.Linear of `model` (in place, the same parameters); returns it.
 
     For the code paths that generate (modules.speed.prepare_for_generation). Training is unaffected:
     with gradients MeasuredLinear is nn.Linear."""
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = MeasuredLinear
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                parent.register_module(name, MeasuredLinear(child))
     return model
 
 
@@ -106,8 +123,8 @@ def fastest_kernel(layer, x):
             kernel = _fastest.get(key)
             if kernel is None:
                 kernel = _fastest[key] = _measure(layer, x, candidate_kernels(weight, rows))
-                if kernel is not onednn_packed_linear and "_packed" in layer.__dict__:
-                    del layer._packed, layer._packed_version  # the measurement's copy, not needed
+                if kernel is not onednn_packed_linear:
+                    layer.drop_packed_weight()  # the measurement's copy, not needed
     return kernel
 
 

@@ -8,32 +8,20 @@ for the 36 blocks of GPT-2 774M. Checkpointed, a block keeps its float32 input a
 the block being recomputed holds the rest: the blocks' activations shrink about ninefold, for one more
 forward pass of each block per step (about a third more compute).
 
-Dropout draws the same masks in the recomputation (torch.utils.checkpoint restores the random state),
-so losses and gradients are those of the run without checkpointing. Applied from the training code to
-the model's blocks, which stay plain GPT-2; with FSDP, a block's weights are gathered again for its
-recomputation as for its backward pass.
+Dropout draws the same masks in the recomputation (the checkpoint restores the random state), so losses
+and gradients are those of the run without checkpointing. Applied from the training code: each block of
+the model's list is put inside PyTorch's checkpoint wrapper (as torchtitan does before fully_shard), so
+the blocks themselves stay plain GPT-2, and the wrapper's state-dict hooks keep the parameters' names (in
+checkpoints, in FSDP's sharded resume state). It checkpoints through torch.utils.checkpoint, which
+torch.compile (--compile) traces. With FSDP, a block's weights are gathered again for its recomputation as
+for its backward pass.
 """
-from functools import partial, wraps
-
-import torch
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 
 def checkpoint_activations(model):
-    """Make every transformer block of `model` recompute its forward pass in the backward pass (in place,
-    before DDP or FSDP wrap the model); returns the model."""
-    for block in model.blocks:
-        block.forward = _checkpointed(block.forward)
+    """Make every transformer block of `model` recompute its forward pass in the backward pass (before DDP
+    or FSDP wrap the model); returns the model."""
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = checkpoint_wrapper(block)
     return model
-
-
-def _checkpointed(forward):
-    """`forward`, checkpointed when gradients are recorded (training), unchanged otherwise (evaluation,
-    generation with its KV cache)."""
-    recompute = partial(checkpoint, forward, use_reentrant=False)
-
-    @wraps(forward)
-    def run(*args, **kwargs):
-        return recompute(*args, **kwargs) if torch.is_grad_enabled() else forward(*args, **kwargs)
-
-    return run

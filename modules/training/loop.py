@@ -382,7 +382,7 @@ class Trainer:
         each process writing its own part (sharded_state.py). Every process calls it."""
         if self.settings.parallel == "fsdp":
             state = sharded_train_state(self.model, self.progress, self.data_signature, self.process.device)
-            save_sharded_state(self.resume_path, self.model, self.optimizer, state, self.process.is_main)
+            save_sharded_state(self.resume_path, self.model, self.optimizer, state, self.process)
         elif self.process.is_main:
             state = train_state(self.model, self.optimizer, self.scaler, self.progress, self.data_signature,
                                 self.process.device)

@@ -5,6 +5,7 @@ help. add_training_args makes the argparse flags from the fields (a script may c
 TrainingSettings checks the ranges when it is built, so a number out of range ends in one line naming
 the flag (`--lr must be > 0, not -1.0`), never in a traceback from deep inside the optimizer.
 """
+import argparse
 import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -119,8 +120,9 @@ def add_training_args(parser, **defaults):
         help_text = meta["help"]
         if setting_field.name == "max_time" and default_max_time:
             help_text += f" (default: {default_max_time:g} unless --max-steps is given)"
-        if setting_field.type is bool:
-            group.add_argument(f"--{flag_name(setting_field)}", action="store_true", help=help_text)
+        if setting_field.type is bool:  # --compile and --no-compile, so that a script's default True holds
+            group.add_argument(f"--{flag_name(setting_field)}", action=argparse.BooleanOptionalAction,
+                               default=default, help=help_text)
             continue
         group.add_argument(f"--{flag_name(setting_field)}", type=value_type(setting_field), default=default,
                            choices=meta["choices"], metavar=meta["metavar"], help=help_text)

@@ -62,21 +62,21 @@ def restore_sharded_train_state(folder, model, optimizer, data_signature, device
     return state["progress"]
 
 
-def save_sharded_state(folder, model, optimizer, train_state, is_main):
+def save_sharded_state(folder, model, optimizer, train_state, process):
     """Write the weights and optimizer state of `model` and `optimizer`, sharded or not, into `folder`, and
     `train_state` (a dict of small values and tensors, the same on every process, with the model's
-    "config" and the "progress" dict) beside them. Every
-    process calls it; each writes its own shards."""
+    "config" and the "progress" dict) beside them. Every process (a TrainingProcess) calls it; each writes
+    its own shards."""
     folder = Path(folder)
     writing = folder / WRITING
-    if is_main:
+    if process.is_main:
         shutil.rmtree(writing, ignore_errors=True)  # left by a save that was interrupted
         writing.mkdir(parents=True)
-    _barrier()
+    process.wait_for_main_process()
     model_state, optimizer_state = get_state_dict(model, optimizer)
     with _as_one_process_if_alone() as no_dist:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=writing, no_dist=no_dist)
-    if is_main:
+    if process.is_main:
         atomic_save(train_state, writing / TRAIN_STATE)
         name = _new_state_name(folder, train_state["progress"]["step"])
         writing.rename(folder / name)
@@ -84,7 +84,7 @@ def save_sharded_state(folder, model, optimizer, train_state, is_main):
         for older in folder.glob("step-*"):
             if older.name != name:
                 shutil.rmtree(older, ignore_errors=True)
-    _barrier()  # no process goes on (and saves again) before the state is complete
+    process.wait_for_main_process()  # no process goes on (and saves again) before the state is complete
 
 
 def read_train_state(folder, config):
@@ -143,11 +143,6 @@ def _as_one_process_if_alone():
         if alone:
             warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
         yield alone
-
-
-def _barrier():
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
 
 
 def _cause(error):
