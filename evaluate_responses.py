@@ -102,8 +102,7 @@ def answer_test_records(model, selected, settings, args, generator):
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start:start + args.batch_size]
             responses = generate_responses(model, [selected[index] for index in batch], args.max_new_tokens,
-                                           args.temperature, args.top_k, args.top_p, generator,
-                                           compiled=args.compile)
+                                           args.temperature, args.top_k, args.top_p, generator)
             answers.record({index: {**selected[index], "model_response": response, "generation": settings}
                             for index, response in zip(batch, responses)})
             bar.update(len(batch))

@@ -27,7 +27,7 @@ from modules.speed import add_generation_args, prepare_for_generation
 from modules.tokenizer import END_OF_TEXT_ID
 
 
-def print_sample(model, prompt, max_new_tokens, compiled=False):
+def print_sample(model, prompt, max_new_tokens):
     """Print a greedy continuation of `prompt`, so the user sees that the weights work."""
     if max_new_tokens <= 0:
         return
@@ -35,7 +35,7 @@ def print_sample(model, prompt, max_new_tokens, compiled=False):
         print(f"(no sample: the model's {model.config['vocab_size']} tokens are not GPT-2's vocabulary)")
         return
     print(f"Greedy continuation:\n{prompt}", end="", flush=True)
-    for piece in stream_text(model, prompt, max_new_tokens, compiled=compiled):
+    for piece in stream_text(model, prompt, max_new_tokens):
         print(piece, end="", flush=True)
     print()
 
@@ -83,7 +83,7 @@ def main():
     if args.save:
         save_checkpoint(args.save, model, "lm", source=str(source))
         print(f"Saved {args.save}; start other scripts from it with --init {args.save}")
-    print_sample(prepare_for_generation(model.to(device), args.dtype, args.compile), args.prompt, args.max_new_tokens, args.compile)
+    print_sample(prepare_for_generation(model.to(device), args.dtype, args.compile), args.prompt, args.max_new_tokens)
 
 
 if __name__ == "__main__":
