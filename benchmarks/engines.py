@@ -304,17 +304,16 @@ def gguf_path(folder, dtype):
     return Path(folder) / "gguf" / f"gpt2-{dtype}.gguf"
 
 
-# Our parameter names -> llama.cpp's GPT-2 tensors ("{}" is the block's number).
-GGUF_NAMES = {
-    "token_embedding.weight": "token_embd.weight", "position_embedding.weight": "position_embd.weight",
-    "final_norm.scale": "output_norm.weight", "final_norm.shift": "output_norm.bias", "out_head.weight": "output.weight",
-    "blocks.{}.norm1.scale": "blk.{}.attn_norm.weight", "blocks.{}.norm1.shift": "blk.{}.attn_norm.bias",
-    "blocks.{}.attention.qkv_proj.weight": "blk.{}.attn_qkv.weight", "blocks.{}.attention.qkv_proj.bias": "blk.{}.attn_qkv.bias",
-    "blocks.{}.attention.out_proj.weight": "blk.{}.attn_output.weight", "blocks.{}.attention.out_proj.bias": "blk.{}.attn_output.bias",
-    "blocks.{}.norm2.scale": "blk.{}.ffn_norm.weight", "blocks.{}.norm2.shift": "blk.{}.ffn_norm.bias",
-    "blocks.{}.feed_forward.expand.weight": "blk.{}.ffn_up.weight", "blocks.{}.feed_forward.expand.bias": "blk.{}.ffn_up.bias",
-    "blocks.{}.feed_forward.project.weight": "blk.{}.ffn_down.weight", "blocks.{}.feed_forward.project.bias": "blk.{}.ffn_down.bias",
-}
+# Our parameter names -> llama.cpp's GPT-2 tensors: the model's own, then each block's layers ("{}" is the
+# block's number), whose scale/shift (LayerNorm) or weight/bias (Linear) llama.cpp names weight/bias.
+GGUF_NAMES = {"token_embedding.weight": "token_embd.weight", "position_embedding.weight": "position_embd.weight",
+              "final_norm.scale": "output_norm.weight", "final_norm.shift": "output_norm.bias",
+              "out_head.weight": "output.weight"}
+GGUF_LAYERS = {"norm1": "attn_norm", "attention.qkv_proj": "attn_qkv", "attention.out_proj": "attn_output",
+               "norm2": "ffn_norm", "feed_forward.expand": "ffn_up", "feed_forward.project": "ffn_down"}
+GGUF_NAMES.update({f"blocks.{{}}.{ours}.{part}": f"blk.{{}}.{theirs}.{'weight' if part in ('scale', 'weight') else 'bias'}"
+                   for ours, theirs in GGUF_LAYERS.items()
+                   for part in (("scale", "shift") if ours.startswith("norm") else ("weight", "bias"))})
 
 
 def convert_gguf(folder, dtype):
