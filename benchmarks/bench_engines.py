@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.bench_generation import make_prompt, our_sides
 from benchmarks.engines import CONVERTERS, ENGINES, bytes_read_per_token, missing_package, save_shared_weights
-from benchmarks.measure import REPO, ResidentWorker, memory_read_bandwidth, run_worker
+from benchmarks.measure import REPO, ResidentWorker, last_line, memory_read_bandwidth, run_worker
 from benchmarks.script import benchmark_config, benchmark_main, common_parser, parse_with_quick_defaults, setup
 from benchmarks.tables import Row
 from modules.errors import UserError, run_main
@@ -109,10 +109,6 @@ class Side:
     def speed(self):
         """The median of its timed runs."""
         return statistics.median(self.speeds)
-
-
-def last_line(text):
-    return [line for line in text.splitlines() if line.strip()][-1][:300]
 
 
 def take_turns(sides, args, prompt):

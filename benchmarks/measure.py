@@ -176,8 +176,7 @@ class ResidentWorker:
             return json.loads(line)
         self.process.wait()
         self.log.seek(0)
-        last = [line for line in self.log.read().splitlines() if line.strip()][-1:] or ["nothing on stderr"]
-        self.error = f"the worker process ended (exit status {self.process.returncode}): {last[0][:300]}"
+        self.error = f"the worker process ended (exit status {self.process.returncode}): {last_line(self.log.read())}"
         return None
 
     def ask(self, request):
@@ -199,3 +198,8 @@ class ResidentWorker:
         self.process.wait()
         self.log.close()
 
+
+def last_line(text):
+    """The last line of `text` that is not blank, at most 300 characters: a failed process's reason."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "nothing on stderr"

@@ -61,12 +61,9 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
     kv_cache, step = None, decode_step
     from .speed.compiled_generation import compiled_decoding, compiled_decoding_if_any
 
-    if compiled is None:
-        compiled = compiled_decoding_if_any(model) is not None
-    if compiled:
-        compiled = not compiled_decoding(model).failed  # where compiling failed, the growing cache is faster
-    if compiled:
-        kv_cache, step = StaticKVCache.for_model(model, batch, tokens.shape[1] + max_new_tokens), compiled_decoding(model).step
+    decoding = compiled_decoding_if_any(model) if compiled is None else compiled_decoding(model) if compiled else None
+    if decoding is not None and not decoding.failed:  # where compiling failed, the growing cache is faster
+        kv_cache, step = StaticKVCache.for_model(model, batch, tokens.shape[1] + max_new_tokens), decoding.step
     elif use_cache:
         kv_cache = KVCache.for_model(model, batch)
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
