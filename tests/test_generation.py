@@ -1,10 +1,13 @@
+import copy
+
 import pytest
 import torch
 
 from modules import GPTModel, GPT_CONFIGS, generation
 from modules.generation import generate, stream_text, stream_tokens
 from modules.inference import KVCache, StaticKVCache, cache_slots, next_token_logits
-from modules.speed import compiled_decoding
+from modules.speed import compiled_decoding, prepare_for_generation
+from modules.speed.compiled_generation import MatrixVectorProducts
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -122,3 +125,29 @@ def test_compiled_greedy_equals_eager(model):
     assert torch.equal(compiled, generate(model, batch, 30, attention_mask=mask))
     assert compiled_decoding(model).is_ready(2, 32)
     assert not compiled_decoding(model).failed
+
+
+def test_a_single_rows_product_is_written_out_as_a_sum_and_others_stay():
+    linear = torch.nn.Linear(16, 8)
+    row, rows = torch.randn(1, 1, 16), torch.randn(3, 16)
+    with MatrixVectorProducts():
+        torch.testing.assert_close(linear(row), torch.nn.functional.linear(row, linear.weight, linear.bias))
+        assert torch.equal(linear(rows), torch.nn.functional.linear(rows, linear.weight, linear.bias))
+
+
+def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(model):
+    # Batch 1 is where the compiled step writes each product out (MatrixVectorProducts): float32 and an
+    # int8 copy of the same model compile graphs of their own in one process (the module types differ).
+    prompt = torch.randint(0, 50257, (1, 9))
+    int8 = prepare_for_generation(copy.deepcopy(model), "int8")
+    for prepared in (model, int8):
+        eager_cache, static_cache = KVCache.for_model(prepared, 1), StaticKVCache.for_model(prepared, 1, 9 + 12)
+        tokens = prompt
+        with torch.inference_mode():
+            for _ in range(12):
+                eager = next_token_logits(prepared, tokens, kv_cache=eager_cache)
+                compiled = next_token_logits(prepared, tokens, kv_cache=static_cache,
+                                             step=compiled_decoding(prepared).step)
+                torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+                tokens = torch.cat([tokens, eager.argmax(-1, keepdim=True)], dim=1)
+        assert compiled_decoding(prepared).is_ready(1, 21) and not compiled_decoding(prepared).failed
