@@ -138,6 +138,7 @@ def test_a_single_rows_product_is_written_out_as_a_sum_and_others_stay():
 def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(model):
     # Batch 1 is where the compiled step writes each product out (MatrixVectorProducts): float32 and an
     # int8 copy of the same model compile graphs of their own in one process (the module types differ).
+    # int8 computes in bfloat16 where the CPU has it: bfloat16's tolerance.
     prompt = torch.randint(0, 50257, (1, 9))
     int8 = prepare_for_generation(copy.deepcopy(model), "int8")
     for prepared in (model, int8):
@@ -148,6 +149,7 @@ def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(mode
                 eager = next_token_logits(prepared, tokens, kv_cache=eager_cache)
                 compiled = next_token_logits(prepared, tokens, kv_cache=static_cache,
                                              step=compiled_decoding(prepared).step)
-                torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+                tolerance = 1e-4 if eager.dtype == torch.float32 else 3e-2
+                torch.testing.assert_close(compiled, eager, rtol=tolerance, atol=tolerance)
                 tokens = torch.cat([tokens, eager.argmax(-1, keepdim=True)], dim=1)
         assert compiled_decoding(prepared).is_ready(1, 21) and not compiled_decoding(prepared).failed

@@ -30,7 +30,7 @@ def add_generation_args(parser):
     parser.add_argument("--dtype", choices=GENERATION_DTYPES, default="auto",
                         help="precision of the weights while generating: auto is bfloat16 where the GPU or CPU "
                              "computes it natively (AMX, AVX512-BF16), else float32; int8: int8 matrices with a "
-                             "scale per row, made at load time (default: %(default)s)")
+                             "scale per row, made at load time, the rest as auto (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step over a static KV cache (half a minute for GPT-2 124M the "
                              f"first time; later processes find it in {COMPILE_CACHE}); on a 2-core AMD EPYC it "
@@ -42,13 +42,14 @@ def prepare_for_generation(model, dtype_name="auto", compiled=False):
     """The model as the generating code paths run it (the app, evaluate_responses.py, get_gpt_weights.py's
     sample, the benchmarks): its weights in the dtype --dtype `dtype_name` stands for (auto: bfloat16 where
     the machine computes it natively, which halves the bytes each generated token reads; int8: a quarter
-    of float32's, modules/speed/int8.py) and either, `compiled`, its compiled decoding step (made on
+    of float32's, modules/speed/int8.py, computing in what auto stands for) and either, `compiled`, its compiled decoding step (made on
     first use; generate then uses it unless told otherwise) or the linear kernels measured fastest.
     Changes `model` in place and returns it."""
+    device = model.token_embedding.weight.device
     if dtype_name == "int8":
-        quantize_int8(model)
+        quantize_int8(model).to(resolve_dtype("auto", device))
     else:
-        model.to(resolve_dtype(dtype_name, model.token_embedding.weight.device))
+        model.to(resolve_dtype(dtype_name, device))
         if not compiled:
             use_fastest_linear_kernels(model)
     if compiled:

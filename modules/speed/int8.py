@@ -3,10 +3,12 @@
 At batch 1 a generated token reads every weight once, so its time is the weights' bytes over the memory's
 bandwidth: a quarter of float32's bytes is up to 4x the tokens a second. Each output row (channel) of a
 matrix gets its own scale, max |w| / 127, so that a row of small weights keeps its precision, and zero
-stays exactly zero (symmetric). The activations stay in float32; the product converts the weights on the
-fly, which the compiled decoding step (modules/speed/compiled_generation.py) fuses into the matrix-vector
-product, as in gpt-fast's WeightOnlyInt8Linear. Eager, each call converts a whole matrix first: int8 pays
-only compiled.
+stays exactly zero (symmetric). The activations, the scales, the embeddings and the KV cache are in the
+activations' dtype (prepare_for_generation: bfloat16 where the machine computes it natively, which halves
+what attention reads from the cache: 1.17x the tokens a second of float32 activations with the compiled
+step on a 2-core AMD EPYC); the product converts the weights on the fly, which the compiled decoding step
+(modules/speed/compiled_generation.py) fuses into the matrix-vector product, as in gpt-fast's
+WeightOnlyInt8Linear. Eager, each call converts a whole matrix first: int8 pays only compiled.
 
 Made at load time from any checkpoint: nothing new is saved. The quality it costs is measured in
 benchmarks/README.md (next-token agreement with float32, validation loss).
@@ -33,7 +35,8 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model):
-    """Replace every nn.Linear of `model` (in float32) by an Int8Linear of its weights, in place; returns it.
+    """Replace every nn.Linear of `model` (in float32) by an Int8Linear of its weights, in place; returns it
+    in float32 (.to() another dtype converts all but the int8 matrices).
 
     The head shares its matrix with the token embedding: it gets its own int8 copy, and the embedding,
     of which a token reads one row, keeps its float32 weights."""
