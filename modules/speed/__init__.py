@@ -42,8 +42,9 @@ def prepare_for_generation(model, dtype_name="auto", compiled=False):
     """The model as the generating code paths run it (the app, evaluate_responses.py, get_gpt_weights.py's
     sample, the benchmarks): its weights in the dtype --dtype `dtype_name` stands for (auto: bfloat16 where
     the machine computes it natively, which halves the bytes each generated token reads; int8: a quarter
-    of float32's, modules/speed/int8.py, computing in what auto stands for) and either, `compiled`, its compiled decoding step (made on
-    first use; generate then uses it unless told otherwise) or the linear kernels measured fastest.
+    of float32's, modules/speed/int8.py, computing in what auto stands for) and either, `compiled`, its
+    compiled decoding step (made on first use; generate then uses it unless told otherwise) or the linear
+    kernels measured fastest.
     Changes `model` in place and returns it."""
     device = model.token_embedding.weight.device
     if dtype_name == "int8":

@@ -29,11 +29,12 @@ Dynamo checks before each call that nothing it compiled against has changed ("gu
 modules these checks took 0.66 ms of a 7 ms token. GPT-2's blocks are alike, so only the first block's
 are kept (first_block_guards).
 
-Compiling GPT-2 124M took 20 to 30 s on 2 cores; inductor keeps what it built in COMPILE_CACHE (git-ignored), keyed by
-the graph, the torch version and the CPU's instructions, so a second process with the same model shape
-and dtype compiles nothing and runs the program of the first: nothing is chosen by timing, so the same
-command gives the same tokens in every later process, however busy the machine (the prompt's eager
-forward pass runs PyTorch's own kernels too: prepare_for_generation(..., compiled=True) measures none).
+Compiling GPT-2 124M took 20 to 30 s on 2 cores; inductor keeps what it built in COMPILE_CACHE
+(git-ignored), keyed by the graph, the torch version and the CPU's instructions, so a second process with
+the same model shape and dtype compiles nothing and runs the program of the first (loaded in 3 to 6 s):
+nothing is chosen by timing, so the same command gives the same tokens in every later process, however
+busy the machine (the prompt's eager forward pass runs PyTorch's own kernels too:
+prepare_for_generation(..., compiled=True) measures none).
 Where compiling is impossible (no C++ compiler, say), the eager step runs instead, with one printed line.
 """
 import os
@@ -191,7 +192,7 @@ class MatrixVectorProducts(TorchFunctionMode):
     def __torch_function__(self, function, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if function is F.linear:
-            x, weight, bias = (*args, *kwargs.values(), None)[:3]
+            x, weight, bias = (*args, *kwargs.values(), None)[:3]  # nn.Linear passes all three in order
             if x.shape[:-1].numel() == 1:
                 y = (x[..., None, :] * weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
                 return y if bias is None else y + bias
