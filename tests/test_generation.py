@@ -5,7 +5,7 @@ import torch
 
 from modules import GPTModel, GPT_CONFIGS, generation
 from modules.generation import generate, stream_text, stream_tokens
-from modules.inference import KVCache, StaticKVCache, cache_slots, next_token_logits
+from modules.inference import KVCache, StaticKVCache, cache_slots, decode_step, next_token_logits
 from modules.speed import compiled_decoding, prepare_for_generation
 from modules.speed.compiled_generation import MatrixVectorProducts
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
@@ -102,15 +102,24 @@ def padded_batch():
     return batch, mask
 
 
-def test_the_static_cache_gives_the_growing_caches_logits(model):
-    batch, mask = padded_batch()
-    tokens, caches = batch, (KVCache.for_model(model, 2), StaticKVCache.for_model(model, 2, 9 + 12))
+def assert_static_cache_follows_the_growing_one(model, tokens, mask=None, step=decode_step, tolerance=None):
+    """12 greedy steps from `tokens`: the logits with a StaticKVCache, its later tokens through `step`, are
+    those with a growing KVCache (within `tolerance`; None: assert_close's default for the dtype)."""
+    batch = tokens.shape[0]
+    growing_cache = KVCache.for_model(model, batch)
+    static_cache = StaticKVCache.for_model(model, batch, tokens.shape[1] + 12)
     with torch.inference_mode():
         for _ in range(12):
-            growing, static = (next_token_logits(model, tokens, mask, cache) for cache in caches)
-            torch.testing.assert_close(static, growing)
+            growing = next_token_logits(model, tokens, mask, growing_cache)
+            static = next_token_logits(model, tokens, mask, static_cache, step)
+            torch.testing.assert_close(static, growing, rtol=tolerance, atol=tolerance)
             tokens = torch.cat([tokens, growing.argmax(-1, keepdim=True)], dim=1)
-            mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+
+
+def test_the_static_cache_gives_the_growing_caches_logits(model):
+    assert_static_cache_follows_the_growing_one(model, *padded_batch())
 
 
 def test_the_static_cache_length_comes_in_buckets():
@@ -142,14 +151,7 @@ def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(mode
     prompt = torch.randint(0, 50257, (1, 9))
     int8 = prepare_for_generation(copy.deepcopy(model), "int8")
     for prepared in (model, int8):
-        eager_cache, static_cache = KVCache.for_model(prepared, 1), StaticKVCache.for_model(prepared, 1, 9 + 12)
-        tokens = prompt
-        with torch.inference_mode():
-            for _ in range(12):
-                eager = next_token_logits(prepared, tokens, kv_cache=eager_cache)
-                compiled = next_token_logits(prepared, tokens, kv_cache=static_cache,
-                                             step=compiled_decoding(prepared).step)
-                tolerance = 1e-4 if eager.dtype == torch.float32 else 3e-2
-                torch.testing.assert_close(compiled, eager, rtol=tolerance, atol=tolerance)
-                tokens = torch.cat([tokens, eager.argmax(-1, keepdim=True)], dim=1)
+        tolerance = 1e-4 if prepared.token_embedding.weight.dtype == torch.float32 else 3e-2
+        assert_static_cache_follows_the_growing_one(prepared, prompt, step=compiled_decoding(prepared).step,
+                                                    tolerance=tolerance)
         assert compiled_decoding(prepared).is_ready(1, 21) and not compiled_decoding(prepared).failed
