@@ -54,7 +54,7 @@ def build_parser():
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--max-models", type=int, default=2,
                         help="models the server holds at once, shared by all sessions (default: %(default)s)")
-    add_generation_args(parser)
+    add_generation_args(parser, compile_by_default=True)
     return parser
 
 
@@ -100,7 +100,7 @@ def load_model(path, device, dtype_name, compiled=False):
 def stream_answer(model, prompt, settings):
     """stream_text(model, prompt, **settings) with the compiled decoding step once it is built for this
     length (in the background, meanwhile the eager step answers); a caption says which one answered."""
-    decoding = compiled_decoding_if_any(model)  # None without --compile
+    decoding = compiled_decoding_if_any(model)  # None with --no-compile
     input_ids = prompt_ids(prompt, next(model.parameters()).device)
     tokens = input_ids.shape[1] + settings["max_new_tokens"]
     compiled = decoding is not None and decoding.ready_or_build_in_background(1, tokens)

@@ -10,6 +10,8 @@ The test set is the one fine_tune_instructional.py held out: the checkpoint reco
 seed and the split. Answers are greedy unless --temperature is set, so the judged answers are
 reproducible. They are written as they come, and a rerun keeps every answer already made with the
 same checkpoint and settings: an interrupted run continues where it stopped.
+The decoding step is compiled (the first run for a model's shape compiles for about half a minute
+per batch shape, later runs find it on disk); --no-compile answers with the eager step.
 """
 import argparse
 import sys
@@ -55,7 +57,7 @@ def parse_args():
     parser.add_argument("--out", type=Path, default=Path("evaluation/responses.json"),
                         help="the JSON list of answers to write (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    add_generation_args(parser)
+    add_generation_args(parser, compile_by_default=True)
     args = parse_with_presets(parser, {"original": ORIGINAL})
     if args.num < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--num, --batch-size and --max-new-tokens must be at least 1")

@@ -64,7 +64,7 @@ def generator_of(side, model, dtype_name="float32", compiled=True):
 def generation_speeds(args, config, device, batch_size, sides):
     """({side: [new tokens/s per run]}, {side: the last run's new tokens}), the sides alternating."""
     prompt = make_prompt(config, batch_size, args, device)
-    # Warm-up: the first call allocates and picks kernels; compiled, it compiles for this cache length.
+    # Warm-up: the first call allocates; compiled, it compiles for this cache length.
     warm_up_tokens = args.new_tokens if "compiled" in args.paths else 4
     for run in sides.values():
         run(prompt, warm_up_tokens)

@@ -178,7 +178,7 @@ def test_resume_files_alone_are_listed_without_asking(tmp_path, monkeypatch):
 
 def test_the_default_precision_is_the_machines_native_one(tmp_path, monkeypatch):
     save_lm(tmp_path / "lm.pt")
-    at = start_app(tmp_path, monkeypatch, flags=())
+    at = start_app(tmp_path, monkeypatch, flags=("--no-compile",))
     expected = str(auto_dtype("cpu")).removeprefix("torch.")
     assert at.caption[0].value.endswith(f"· cpu · {expected}")
     at.button[0].click().run()
@@ -206,13 +206,13 @@ def test_an_answer_encodes_its_prompt_once(tmp_path, monkeypatch):
     assert encoded.count("Once upon a time") == 1, encoded
 
 
-def test_with_compile_the_step_is_built_in_the_background_once_per_model(tmp_path, monkeypatch):
+def test_the_step_is_compiled_in_the_background_once_per_model(tmp_path, monkeypatch):
     from modules.speed.compiled_generation import CompiledDecoding
 
     builds = []
     monkeypatch.setattr(CompiledDecoding, "compile_in_background", lambda self, *shape: builds.append(shape))
     save_lm(tmp_path / "lm.pt")
-    at = start_app(tmp_path, monkeypatch, flags=(*EXACT, "--compile"))
+    at = start_app(tmp_path, monkeypatch, flags=EXACT[:2])  # compiled: the default
     at.run()  # a rerun (any click) must not start another
     assert builds == [(1, 64 + GENERATION_DEFAULTS["lm"]["max_new_tokens"])]
     at.button[0].click().run()  # the answer comes from the eager step while the build is not done

@@ -12,8 +12,8 @@ from modules.generation import stream_text
 from tests.app_helpers import (CHROMIUM, app_page, launch_chromium, open_inside_the_model, save_classifier, save_lm,
                                served_app)
 
-# How long a step may wait: a 2-core machine busy with the server, two browsers and a first measurement of
-# the linear kernels (modules/speed/kernels.py) can take tens of seconds for what is otherwise instant.
+# How long a step may wait: a 2-core machine busy with the server and two browsers can take tens of
+# seconds for what is otherwise instant.
 BROWSER_TIMEOUT_MS = 90_000
 
 PROMPT = "Every effort moves you 🙂"

@@ -1,6 +1,5 @@
 """The app's "Inside the model" tab through AppTest: what it shows is what the model computes, and its
-next-token cut is generation's own. (The app's model may run another linear kernel, measured faster
-here, hence comparisons to float rounding.)"""
+next-token cut is generation's own."""
 import pyarrow
 import pytest
 import torch

@@ -152,7 +152,7 @@ def test_twenty_sessions_at_once_each_get_their_text_from_one_copy_of_the_model(
                 for seed in range(SESSIONS + 1)}
     server = []
     with served_app(folder, tmp_path / "streamlit.log", started=server) as url:
-        # One session first: it loads the model and measures the kernels, as the first learner's would.
+        # One session first: it loads the model, as the first learner's would.
         (alone, text, errors), = asyncio.run(classroom(url, [SESSIONS]))
         assert not errors and text == expected[SESSIONS]
         one_session_mib = peak_memory_mib(server[0].pid)

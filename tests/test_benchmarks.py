@@ -37,6 +37,15 @@ def test_run_all_quick_prints_every_workload_with_ratios():
         assert reference == "–" or re.fullmatch(r"\d+\.\d\dx", ratio), row  # a side by side row has its ratio
 
 
+def test_a_second_start_of_the_app_compiles_nothing():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_app_start", "--quick", "--dtype", "float32"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    files = next(line for line in result.stdout.splitlines() if "files written to inductor's cache" in line)
+    second, first = (int(cell.split()[0]) for cell in files.split(" | ")[1:3])
+    assert second == 0 < first and "(met)" in files, result.stdout
+
+
 def test_engines_benchmark_runs_the_installed_engines_and_names_why_the_others_are_skipped(tmp_path):
     # Where an engine is installed (CTranslate2 on the developers' machine), it runs on the tiny model's
     # weights; where it is not (both in CI), its row says so and the others still run.

@@ -5,90 +5,37 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import torch
 
 from modules import GPTModel, GPT_CONFIGS
 from modules.generation import generate
 from modules.training.optimizer import make_optimizer
-from modules.speed import generation_dtype, prepare_for_generation, use_fastest_linear_kernels
+from modules.speed import generation_dtype, prepare_for_generation
 from modules.speed.int8 import Int8Linear
-from tests.conftest import run_script
-from modules.speed import kernels
+from tests.conftest import REPO, run_script
 
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 32}
 
 
-@pytest.mark.parametrize("dtype, winner", [
-    (dtype, winner) for dtype in (torch.float32, torch.bfloat16)
-    for winner in ("pytorch_linear", "onednn_linear", "onednn_packed_linear", "pytorch_matrix_vector")
-    if winner != "onednn_packed_linear" or dtype != torch.float32  # a packed copy is for other dtypes only
-])
-def test_measured_kernels_give_the_plain_logits_and_tokens(monkeypatch, winner, dtype):
-    if not kernels.ONEDNN_AVAILABLE:
-        pytest.skip("this PyTorch build has no oneDNN")
-    # Whichever kernel the measurement picks, the model computes the same: force each in turn.
-    chosen = getattr(kernels, winner)
-    # (the matrix-vector product is a candidate for single rows only: generation's steps after the prompt)
-    monkeypatch.setattr(kernels, "_measure", lambda layer, x, candidates: chosen if chosen in candidates else candidates[0])
-    monkeypatch.setattr(kernels, "_fastest", {})
+def test_a_model_prepared_for_generation_is_the_plain_model_in_its_dtype():
+    # No class is swapped and no kernel is chosen: the same nn.Linear modules, the same numbers.
     torch.manual_seed(0)
-    plain = GPTModel(CONFIG).eval().to(dtype)
-    fast = use_fastest_linear_kernels(copy.deepcopy(plain))
-    assert type(fast.blocks[0].attention.qkv_proj) is kernels.MeasuredLinear
-    assert fast.out_head.weight is fast.token_embedding.weight  # still tied
+    plain = GPTModel(CONFIG).eval()
+    prepared = prepare_for_generation(copy.deepcopy(plain), "float32")
+    assert [type(module) for module in prepared.modules()] == [type(module) for module in plain.modules()]
+    assert prepared.out_head.weight is prepared.token_embedding.weight  # still tied
     prompt = torch.randint(0, 50257, (3, 9))
     with torch.no_grad():
-        tolerance = 1e-4 if dtype == torch.float32 else 0.1
-        assert (fast(prompt) - plain(prompt)).abs().max().item() < tolerance
-    generated = generate(fast, prompt[:1], 12)  # one row at a time after the prompt
-    if dtype == torch.float32:
-        assert torch.equal(generated, generate(plain, prompt[:1], 12))
-    assert chosen in set(kernels._fastest.values())
+        assert torch.equal(prepared(prompt), plain(prompt))
+    assert torch.equal(generate(prepared, prompt[:1], 12), generate(plain, prompt[:1], 12))
 
 
-def test_a_packed_weight_follows_changes_of_the_weight():
-    layer = kernels.MeasuredLinear(torch.nn.Linear(8, 4))
-    x = torch.randn(2, 8)
-    with torch.no_grad():
-        kernels.onednn_packed_linear(layer, x)
-        layer.weight.mul_(2)  # e.g. load_state_dict or merge_lora after a first generation
-        torch.testing.assert_close(kernels.onednn_packed_linear(layer, x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-
-
-def test_the_measurement_picks_the_faster_kernel():
-    def slow(layer, x):
-        time.sleep(0.002)
-        return kernels.pytorch_linear(layer, x)
-
-    fast = kernels.pytorch_linear
-    layer, x = torch.nn.Linear(64, 64), torch.randn(1, 64)
-    assert kernels._measure(layer, x, (fast, slow)) is fast
-    assert kernels._measure(layer, x, (slow, fast)) is fast
-
-
-def test_a_product_too_long_to_measure_keeps_the_default(monkeypatch):
-    monkeypatch.setattr(kernels, "MAX_MEASURED_SECONDS", 0.0)
-    default, other = (lambda layer, x: x), (lambda layer, x: 1 / 0)
-    assert kernels._measure(torch.nn.Linear(4, 4), torch.randn(1, 4), (default, other)) is default
-
-
-def test_float32_weights_get_no_packed_copy():
-    # The copy would double the weights' memory to skip a conversion that float32 weights never need.
-    for rows in (1, 64):
-        assert kernels.onednn_packed_linear not in kernels.candidate_kernels(torch.empty(4, 4), rows)
-        assert kernels.onednn_packed_linear in kernels.candidate_kernels(torch.empty(4, 4, dtype=torch.bfloat16), rows)
-
-
-def test_training_never_takes_the_inference_kernel(monkeypatch):
-    monkeypatch.setattr(kernels, "_measure", lambda layer, x, candidates: kernels.onednn_packed_linear)
-    plain = GPTModel(CONFIG).eval()
-    model = use_fastest_linear_kernels(copy.deepcopy(plain))
-    ids = torch.randint(0, 50257, (2, 8))
-    for each in (plain, model):
-        each(ids).sum().backward()
-    for (name, expected), parameter in zip(plain.named_parameters(), model.parameters()):
-        torch.testing.assert_close(parameter.grad, expected.grad, msg=name)  # nn.Linear's gradients, every one
+def test_the_project_calls_no_private_torch_operators():
+    # Private operators (torch.ops.mkldnn._linear_pointwise and the like) change between releases unannounced.
+    sources = [*REPO.glob("*.py"), *REPO.glob("modules/**/*.py"), *REPO.glob("app_pages/*.py")]
+    calls = [f"{path.relative_to(REPO)}: {line.strip()}" for path in sources
+             for line in path.read_text().splitlines() if "torch.ops." in line]
+    assert not calls, calls
 
 
 def test_optimizer_decays_matrices_only():

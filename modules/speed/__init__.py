@@ -7,17 +7,16 @@ was measured, and is taken on a machine only where it is faster there:
 - compiled_generation: generation's decoding step compiled whole over a static KV cache (the generating
   entry points, generate(..., compiled=True));
 - int8: int8 weights with a scale per row, made at load time (--dtype int8);
-- kernels: for eager generation on the CPU, the faster of a few linear kernels, measured at first use
-  (the generation entry points);
 - memory: glibc keeps freed memory for reuse (the training loop, on the CPU);
 - precision: bfloat16 where the machine computes it natively (--dtype auto: training and generation);
 - compilation: torch.compile's fusion of the training loss, where measured faster, and of the whole model
   with --compile (the training loop).
 """
+import argparse
+
 from .compilation import compiled_model, fastest_loss
 from .compiled_generation import COMPILE_CACHE, compiled_decoding
 from .int8 import Int8Linear, quantize_int8
-from .kernels import use_fastest_linear_kernels
 from .memory import keep_freed_memory
 from .precision import auto_dtype, describe_precision, resolve_dtype
 
@@ -25,34 +24,32 @@ from .precision import auto_dtype, describe_precision, resolve_dtype
 GENERATION_DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 
-def add_generation_args(parser):
-    """The --dtype and --compile flags of the scripts that generate (for prepare_for_generation)."""
+def add_generation_args(parser, compile_by_default=False):
+    """The --dtype and --compile/--no-compile flags of the scripts that generate (for prepare_for_generation);
+    compiling is the default of those that generate long enough to gain from it (the app)."""
     parser.add_argument("--dtype", choices=GENERATION_DTYPES, default="auto",
                         help="precision of the weights while generating: auto is bfloat16 where the GPU or CPU "
                              "computes it natively (AMX, AVX512-BF16), else float32; int8: int8 matrices with a "
                              "scale per row, made at load time, the rest as auto (default: %(default)s)")
-    parser.add_argument("--compile", action="store_true",
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_by_default,
                         help="compile the decoding step over a static KV cache (half a minute for GPT-2 124M the "
                              f"first time; later processes find it in {COMPILE_CACHE}); on a 2-core AMD EPYC it "
                              "generated one sequence 1.6x (float32) to 2x (bfloat16) as fast as the eager step "
-                             "(benchmarks/README.md)")
+                             "(benchmarks/README.md) (default: %(default)s)")
 
 
 def prepare_for_generation(model, dtype_name="auto", compiled=False):
     """The model as the generating code paths run it (the app, evaluate_responses.py, get_gpt_weights.py's
     sample, the benchmarks): its weights in the dtype --dtype `dtype_name` stands for (auto: bfloat16 where
     the machine computes it natively, which halves the bytes each generated token reads; int8: a quarter
-    of float32's, modules/speed/int8.py, computing in what auto stands for) and either, `compiled`, its
-    compiled decoding step (made on first use; generate then uses it unless told otherwise) or the linear
-    kernels measured fastest.
+    of float32's, modules/speed/int8.py, computing in what auto stands for) and, `compiled`, its compiled
+    decoding step (made on first use; generate then uses it unless told otherwise).
     Changes `model` in place and returns it."""
     device = model.token_embedding.weight.device
     if dtype_name == "int8":
         quantize_int8(model).to(resolve_dtype("auto", device))
     else:
         model.to(resolve_dtype(dtype_name, device))
-        if not compiled:
-            use_fastest_linear_kernels(model)
     if compiled:
         compiled_decoding(model)
     return model
@@ -67,4 +64,4 @@ def generation_dtype(model):
 
 __all__ = ["COMPILE_CACHE", "GENERATION_DTYPES", "add_generation_args", "auto_dtype", "compiled_decoding",
            "compiled_model", "describe_precision", "fastest_loss", "generation_dtype", "keep_freed_memory",
-           "prepare_for_generation", "quantize_int8", "resolve_dtype", "use_fastest_linear_kernels"]
+           "prepare_for_generation", "quantize_int8", "resolve_dtype"]

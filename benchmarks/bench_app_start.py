@@ -1,0 +1,114 @@
+"""The app's start: how long a user waits for the first token, and whether a second start compiles anything.
+
+The app (app.py) serves its first answers with the eager decoding step while the compiled one is built in
+the background, from inductor's on-disk cache where an earlier start left it. Two fresh processes start
+one after the other over one new, empty cache folder and run what the app runs for a text-completion
+page (app.load_model, then app.stream_answer with the page's default settings, twice): the first start
+compiles, the second should find everything on disk. Reported side by side, the second start (ours)
+against the first (reference); times count from the process's launch, so Python's and torch's imports
+are in them.
+
+    python -m benchmarks.bench_app_start                   # a random GPT-2 124M checkpoint, --dtype auto
+    python -m benchmarks.bench_app_start --dtype float32
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.measure import report_from_worker, run_worker
+from benchmarks.script import benchmark_config, benchmark_main, benchmark_parser, common_flags, setup
+from benchmarks.tables import Row
+from modules.errors import run_main
+
+PROMPT = "Every effort moves you"
+
+
+def parse_args(argv=None):
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "int8"),
+                        help="the app's --dtype (default: %(default)s)")
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--launched-at", type=float, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def timed_answer(answer, launched_at):
+    """(seconds from launch to the first piece of text, new pieces per second after it) of one answer."""
+    pieces, first = 0, None
+    for _ in answer:
+        pieces += 1
+        if first is None:
+            first = time.time()
+    return first - launched_at, (pieces - 1) / max(time.time() - first, 1e-9)
+
+
+def worker(args):
+    """One start of the app in this fresh process: load the checkpoint as the app does, answer twice (the
+    second time after the compiled step is ready) and report the times."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.cache_dir)  # before anything compiles
+    import app
+    from modules.speed.compiled_generation import cached_files, compiled_decoding_if_any
+
+    device = setup(args)
+    files_before = len(cached_files())
+    loaded = app.load_model(args.checkpoint, device, args.dtype, compiled=True)
+    loaded_at = time.time()
+    settings = {**app.GENERATION_DEFAULTS["lm"], "temperature": 0.0}  # greedy: every answer as long
+    first_token, eager_speed = timed_answer(app.stream_answer(loaded.model, PROMPT, settings), args.launched_at)
+    decoding = compiled_decoding_if_any(loaded.model)
+    tokens = len(app.prompt_ids(PROMPT, device)[0]) + settings["max_new_tokens"]
+    while not decoding.is_ready(1, tokens) and not decoding.failed:
+        time.sleep(0.05)
+    ready_at = time.time()
+    compiled_first_token, compiled_speed = timed_answer(app.stream_answer(loaded.model, PROMPT, settings), ready_at)
+    report_from_worker({
+        "loaded": loaded_at - args.launched_at, "first_token": first_token, "eager_speed": eager_speed,
+        "compiled_ready": ready_at - args.launched_at, "compiled_first_token": compiled_first_token,
+        "compiled_speed": compiled_speed, "files_written": len(cached_files()) - files_before,
+        "failed": decoding.failed})
+
+
+def run(args):
+    """Two starts over one empty cache folder: the rows compare the second with the first."""
+    import torch
+
+    from modules import GPTModel
+    from modules.checkpoint import save_checkpoint
+
+    config = {**benchmark_config(args), "vocab_size": 50257}  # the app's prompts are GPT-2 tokens
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "model.pt"
+        torch.manual_seed(args.seed)
+        save_checkpoint(checkpoint, GPTModel(config), "lm")
+        flags = [*common_flags(args), "--worker", "ours", "--dtype", args.dtype, "--checkpoint", checkpoint,
+                 "--cache-dir", Path(folder) / "torch-compile"]
+        first, second = (run_worker("benchmarks.bench_app_start", [*flags, "--launched-at", time.time()])
+                         for _ in range(2))
+    if first["failed"] or second["failed"]:
+        print(f"compiling failed here: {first['failed'] or second['failed']}", file=sys.stderr)
+    label = f"W4 app start, {args.dtype}, second against first"
+    rows = [Row(f"{label}: seconds from launch to the model loaded", "s", [second["loaded"]], [first["loaded"]]),
+            Row(f"{label}: to the first token (eager step, compiled one building)", "s",
+                [second["first_token"]], [first["first_token"]]),
+            Row(f"{label}: to the compiled step ready", "s", [second["compiled_ready"]], [first["compiled_ready"]]),
+            Row(f"{label}: the compiled step's answer, first token after it is ready", "s",
+                [second["compiled_first_token"]], [first["compiled_first_token"]], digits=2),
+            Row(f"{label}: answer speed, eager step (while the compiled one was built)", "pieces/s",
+                [second["eager_speed"]], [first["eager_speed"]]),
+            Row(f"{label}: answer speed, compiled step", "pieces/s", [second["compiled_speed"]], [first["compiled_speed"]]),
+            Row(f"{label}: files written to inductor's cache", "files", [second["files_written"]],
+                [first["files_written"]], digits=0)]
+    rows[-1].target, rows[-1].met = "0 (second start)", second["files_written"] == 0 and not second["failed"]
+    return rows
+
+
+def main():
+    benchmark_main(parse_args, worker, run, "App start")
+
+
+if __name__ == "__main__":
+    run_main(main)
