@@ -91,7 +91,8 @@ def load_model(path, device, dtype_name, compiled=False):
         prepare_for_generation(loaded.model, dtype_name, compiled)
     if compiled and loaded.kind in GENERATION_DEFAULTS:
         # Built once per model, while the first answers come from the eager step: the step for a prompt of
-        # up to 64 tokens at the default length. Other lengths are built when first asked for.
+        # up to 64 tokens at the default length, which shorter prompts use too; longer ones are built when
+        # first asked for.
         tokens = 64 + GENERATION_DEFAULTS[loaded.kind]["max_new_tokens"]
         compiled_decoding(loaded.model).ready_or_build_in_background(1, tokens)
     return loaded

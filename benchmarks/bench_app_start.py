@@ -61,7 +61,7 @@ def worker(args):
     first_token, eager_speed = timed_answer(app.stream_answer(loaded.model, PROMPT, settings), args.launched_at)
     decoding = compiled_decoding_if_any(loaded.model)
     tokens = len(app.prompt_ids(PROMPT, device)[0]) + settings["max_new_tokens"]
-    while not decoding.is_ready(1, tokens) and not decoding.failed:
+    while not decoding.ready_or_build_in_background(1, tokens) and not decoding.failed:  # as later requests ask
         time.sleep(0.05)
     ready_at = time.time()
     compiled_first_token, compiled_speed = timed_answer(app.stream_answer(loaded.model, PROMPT, settings), ready_at)

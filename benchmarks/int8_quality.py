@@ -42,7 +42,7 @@ def float32_model(args):
     return GPTModel(resolve_config(args.size)).eval()
 
 
-@torch.no_grad()  # not inference_mode: the measured kernels' packed copies follow the weights' version counters
+@torch.inference_mode()
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ import codecs
 
 import torch
 
-from .inference import KVCache, StaticKVCache, decode_step, next_token_logits
+from .inference import KVCache, decode_step, next_token_logits
 from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -64,7 +64,7 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
 
     decoding = compiled_decoding_if_any(model) if compiled is None else compiled_decoding(model) if compiled else None
     if decoding is not None and not decoding.failed:  # where compiling failed, the growing cache is faster
-        kv_cache, step = StaticKVCache.for_model(model, batch, tokens.shape[1] + max_new_tokens), decoding.step
+        kv_cache, step = decoding.cache_for(batch, tokens.shape[1] + max_new_tokens), decoding.step
     elif use_cache:
         kv_cache = KVCache.for_model(model, batch)
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)

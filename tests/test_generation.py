@@ -155,3 +155,13 @@ def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(mode
         assert_static_cache_follows_the_growing_one(prepared, prompt, step=compiled_decoding(prepared).step,
                                                     tolerance=tolerance)
         assert compiled_decoding(prepared).is_ready(1, 21) and not compiled_decoding(prepared).failed
+
+
+def test_a_shorter_generation_takes_the_compiled_step_of_a_longer_one():
+    # The app compiles for a 64-token prompt in the background; a 5-token prompt must not compile again.
+    model = GPTModel({**GPT_CONFIGS["tiny"], "context_size": 1024, "num_layers": 1})
+    decoding = compiled_decoding(model)
+    decoding.ready.add((1, 256))  # as if built: nothing is compiled here
+    assert decoding.is_ready(1, 105) and decoding.cache_for(1, 105).filled.shape == (1, 256)
+    assert not decoding.is_ready(1, 300) and decoding.cache_for(1, 300).filled.shape == (1, 512)
+    assert not decoding.is_ready(2, 105) and decoding.cache_for(2, 105).filled.shape == (2, 128)

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from ..inference import StaticKVCache, cache_slots, decode_step
+from ..inference import StaticKVCache, activation_device_and_dtype, cache_slots, decode_step
 
 COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch-compile"
 _decodings = weakref.WeakKeyDictionary()  # model -> its CompiledDecoding
@@ -108,9 +108,23 @@ class CompiledDecoding:
                 return decode_step(model, kv_cache, token, slot)
         return self.compiled(model, kv_cache, token, slot)
 
+    def ready_slots(self, batch_size, tokens):
+        """The fewest cache slots, at least those `tokens` positions need, for which the step of `batch_size`
+        sequences is compiled, or None. A prompt shorter than the one compiled for uses its program: attending
+        over more empty slots costs less than compiling again."""
+        needed = cache_slots(tokens, self.model.config["context_size"])
+        return min((slots for batch, slots in self.ready if batch == batch_size and slots >= needed), default=None)
+
     def is_ready(self, batch_size, tokens):
-        """Whether the step for `batch_size` sequences of up to `tokens` positions is compiled."""
-        return (batch_size, cache_slots(tokens, self.model.config["context_size"])) in self.ready
+        """Whether a step for `batch_size` sequences of up to `tokens` positions is compiled."""
+        return self.ready_slots(batch_size, tokens) is not None
+
+    def cache_for(self, batch_size, tokens):
+        """A StaticKVCache for `batch_size` sequences of up to `tokens` positions: with as many slots as a
+        compiled step has (ready_slots), else with as many as they need (the step then compiles for it)."""
+        model = self.model
+        slots = self.ready_slots(batch_size, tokens) or cache_slots(tokens, model.config["context_size"])
+        return StaticKVCache(model.config, batch_size, slots, *activation_device_and_dtype(model))
 
     def ready_or_build_in_background(self, batch_size, tokens):
         """is_ready(batch_size, tokens); when not, the build starts in the background (unless one is under
