@@ -22,13 +22,14 @@ from benchmarks.measure import report_from_worker, run_worker
 from benchmarks.script import benchmark_config, benchmark_main, benchmark_parser, common_flags, setup
 from benchmarks.tables import Row
 from modules.errors import run_main
+from modules.speed import GENERATION_DTYPES
 
 PROMPT = "Every effort moves you"
 
 
 def parse_args(argv=None):
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "int8"),
+    parser.add_argument("--dtype", default="auto", choices=GENERATION_DTYPES,
                         help="the app's --dtype (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)

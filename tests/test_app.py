@@ -14,7 +14,7 @@ from modules.classification import classify
 from modules.generation import stream_text
 from modules.speed import auto_dtype
 from modules.datasets.instructions import format_prompt
-from tests.app_helpers import app_model, CLASSIFIER_SETTINGS, EXACT, ROOT, save_classifier, save_lm, start_app
+from tests.app_helpers import app_model, CLASSIFIER_SETTINGS, ROOT, save_classifier, save_lm, start_app
 
 
 def output_text(at):
@@ -212,7 +212,7 @@ def test_the_step_is_compiled_in_the_background_once_per_model(tmp_path, monkeyp
     builds = []
     monkeypatch.setattr(CompiledDecoding, "compile_in_background", lambda self, *shape: builds.append(shape))
     save_lm(tmp_path / "lm.pt")
-    at = start_app(tmp_path, monkeypatch, flags=EXACT[:2])  # compiled: the default
+    at = start_app(tmp_path, monkeypatch, flags=("--dtype", "float32"))  # compiled: the default
     at.run()  # a rerun (any click) must not start another
     assert builds == [(1, 64 + GENERATION_DEFAULTS["lm"]["max_new_tokens"])]
     at.button[0].click().run()  # the answer comes from the eager step while the build is not done

@@ -33,8 +33,7 @@ Compiling GPT-2 124M took 20 to 30 s on 2 cores; inductor keeps what it built in
 (git-ignored), keyed by the graph, the torch version and the CPU's instructions, so a second process with
 the same model shape and dtype compiles nothing and runs the program of the first (loaded in 3 to 6 s):
 nothing is chosen by timing, so the same command gives the same tokens in every later process, however
-busy the machine (the prompt's eager forward pass runs PyTorch's own kernels too:
-prepare_for_generation(..., compiled=True) measures none).
+busy the machine (the prompt's eager forward pass runs PyTorch's own kernels too).
 Where compiling is impossible (no C++ compiler, say), the eager step runs instead, with one printed line.
 """
 import os
@@ -50,7 +49,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from ..inference import StaticKVCache, activation_device_and_dtype, cache_slots, decode_step
+from ..inference import StaticKVCache, cache_slots, decode_step
 
 COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch-compile"
 _decodings = weakref.WeakKeyDictionary()  # model -> its CompiledDecoding
@@ -121,10 +120,9 @@ class CompiledDecoding:
 
     def cache_for(self, batch_size, tokens):
         """A StaticKVCache for `batch_size` sequences of up to `tokens` positions: with as many slots as a
-        compiled step has (ready_slots), else with as many as they need (the step then compiles for it)."""
-        model = self.model
-        slots = self.ready_slots(batch_size, tokens) or cache_slots(tokens, model.config["context_size"])
-        return StaticKVCache(model.config, batch_size, slots, *activation_device_and_dtype(model))
+        compiled step has (ready_slots), else with as many as they need (the step then compiles for it).
+        (A number of slots is its own bucket, so it asks StaticKVCache.for_model for exactly that many.)"""
+        return StaticKVCache.for_model(self.model, batch_size, self.ready_slots(batch_size, tokens) or tokens)
 
     def ready_or_build_in_background(self, batch_size, tokens):
         """is_ready(batch_size, tokens); when not, the build starts in the background (unless one is under
