@@ -18,7 +18,7 @@ a short cache, not one as long as the context.
 """
 import torch
 
-SLOT_BUCKETS = (128, 256, 512, 1024)
+SLOT_BUCKETS = (128, 256, 384, 512, 768, 1024)
 
 
 class KVCache:
