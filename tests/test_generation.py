@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -7,6 +8,7 @@ from modules import GPTModel, GPT_CONFIGS, generation
 from modules.generation import generate, stream_text, stream_tokens
 from modules.inference import KVCache, StaticKVCache, cache_slots, decode_step, next_token_logits
 from modules.speed import compiled_decoding, prepare_for_generation
+from modules.speed import compiled_generation
 from modules.speed.compiled_generation import MatrixVectorProducts
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
@@ -166,3 +168,22 @@ def test_a_shorter_generation_takes_the_compiled_step_of_a_longer_one():
     assert decoding.is_ready(1, 105) and decoding.cache_for(1, 105).filled.shape == (1, 256)
     assert not decoding.is_ready(1, 300) and decoding.cache_for(1, 300).filled.shape == (1, 384)
     assert not decoding.is_ready(2, 105) and decoding.cache_for(2, 105).filled.shape == (2, 128)
+
+
+def test_a_step_checks_every_guard_while_a_build_is_under_way(monkeypatch):
+    # Skipping guards is the whole process's stance: the first call of a build in the app's background
+    # thread must not meet it, or it could run the program of another shape. Nothing is compiled here.
+    model = GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 1})
+    decoding = compiled_decoding(model)
+    cache = decoding.cache_for(1, 8)
+    decoding.ready.add(tuple(cache.filled.shape))  # as if built
+    stances = []
+    monkeypatch.setattr(torch.compiler, "set_stance",
+                        lambda *args, **kwargs: stances.append(kwargs) or contextlib.nullcontext())
+    decoding.compiled = lambda *args: "compiled"
+    token, slot = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    assert decoding.step(model, cache, token, slot) == "compiled"
+    assert stances == [{"skip_guard_eval_unsafe": True}]
+    with compiled_generation._compiling:  # as a build in another thread holds it
+        assert decoding.step(model, cache, token, slot) == "compiled"
+    assert len(stances) == 1

@@ -62,6 +62,10 @@ _decodings = weakref.WeakKeyDictionary()  # model -> its CompiledDecoding
 
 
 _decodings_lock = threading.Lock()  # two sessions of the app asking at once share one
+# Dynamo's stance is the process's, not a thread's: while a step skips guards (CompiledDecoding.step), the
+# first call of a build in another thread (the app's background one) would skip them too, and could run the
+# program of another shape. A build holds this lock; a step skips guards only when it gets it at once.
+_compiling = threading.Lock()
 
 
 def compiled_decoding(model):
@@ -112,8 +116,13 @@ class CompiledDecoding:
         if shape not in self.ready:
             if self.failed or self.building or not self.build(kv_cache, token, slot):
                 return decode_step(model, kv_cache, token, slot)
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):  # built: see the module's doc
+        if not _compiling.acquire(blocking=False):  # a build is under way: every guard is checked meanwhile
             return self.compiled(model, kv_cache, token, slot)
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):  # built: see the module's doc
+                return self.compiled(model, kv_cache, token, slot)
+        finally:
+            _compiling.release()
 
     def ready_slots(self, batch_size, tokens):
         """The fewest cache slots, at least those `tokens` positions need, for which the step of `batch_size`
@@ -152,7 +161,8 @@ class CompiledDecoding:
             self.building.add(shape)
             cached_before, start = cached_files(), time.perf_counter()
             try:
-                self.compiled(self.model, kv_cache, token, slot)
+                with _compiling:
+                    self.compiled(self.model, kv_cache, token, slot)
             except Exception as error:  # torch.compile raises many kinds of errors where it cannot run here
                 self.failed = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
                 self.report(f"The decoding step could not be compiled here ({self.failed[:200]}): generating "
