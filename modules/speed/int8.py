@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+QUANTIZE_ROWS = 4096  # rows rounded at once: 12 MiB of float32 temporary at GPT-2's 768 columns
+
 
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights and a float scale per output row: y = (x W_int8^T) * scales + bias."""
@@ -24,8 +26,13 @@ class Int8Linear(nn.Module):
     def __init__(self, linear):
         super().__init__()
         weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        # The largest |w| of each row, without a temporary |W| (the head's would be 147 MiB for GPT-2 124M).
+        largest = torch.linalg.vector_norm(weight, float("inf"), dim=1)
+        scales = largest.clamp(min=torch.finfo(torch.float32).tiny) / 127
+        # Rounded a block of rows at a time, so that the float32 temporary stays small.
+        self.register_buffer("weight", torch.cat([
+            (rows / row_scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+            for rows, row_scales in zip(weight.split(QUANTIZE_ROWS), scales.split(QUANTIZE_ROWS))]))
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
