@@ -28,9 +28,7 @@ class GPTModel(nn.Module):
         if config.get("num_classes"):
             self.out_head = nn.Linear(embedding_dim, config["num_classes"])
         else:
-            # Made on the meta device (a shape, no memory): its matrix is the token embedding's, so a
-            # vocab_size x embedding_dim matrix of its own (147 MiB for GPT-2 124M) would only be thrown away.
-            self.out_head = nn.Linear(embedding_dim, config["vocab_size"], bias=False, device="meta")
+            self.out_head = nn.Linear(embedding_dim, config["vocab_size"], bias=False)
             self.tie_weights()
         self.apply(init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * layers), so the
