@@ -154,7 +154,7 @@ def next_token_logits(model, tokens, attention_mask=None, kv_cache=None, step=de
     new_tokens = tokens[:, past:]
     positions = token_positions(attention_mask, past, new_tokens.shape[1], tokens.device)
     mask = attention_mask_for(attention_mask, past, new_tokens.shape[1], tokens.device)
-    return model(new_tokens, positions, mask, kv_cache)[:, -1]
+    return model(new_tokens, positions, mask, kv_cache, last_only=True)[:, -1]
 
 
 def static_next_token_logits(model, tokens, attention_mask, kv_cache, step):
@@ -162,7 +162,7 @@ def static_next_token_logits(model, tokens, attention_mask, kv_cache, step):
     past = kv_cache.length
     if past == 0:
         positions, mask = kv_cache.prefill_inputs(attention_mask, tokens.shape[1])
-        logits = model(tokens, positions, mask, kv_cache)[:, -1]
+        logits = model(tokens, positions, mask, kv_cache, last_only=True)[:, -1]
     else:
         if tokens.shape[1] != past + 1:
             raise ValueError("a StaticKVCache takes one new token a step")

@@ -41,12 +41,13 @@ class GPTModel(nn.Module):
         """Make the language-model head use the token embedding's matrix (again, after loading weights)."""
         self.out_head.weight = self.token_embedding.weight
 
-    def forward(self, input_ids, positions=None, mask=None, kv_cache=None):
+    def forward(self, input_ids, positions=None, mask=None, kv_cache=None, last_only=False):
         """input_ids: (batch, tokens) -> logits (batch, tokens, vocab_size or num_classes).
 
         Training passes input_ids alone. Generation (modules/inference.py) runs the new tokens only and
         passes their positions (batch or 1, tokens), the mask of the keys they may attend to and the
-        KV cache that holds the earlier tokens.
+        KV cache that holds the earlier tokens; it needs the next token's logits only (last_only: then
+        (batch, 1, vocab_size)), so the head, the largest matrix, scores the last position alone (as nanoGPT).
         """
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -55,6 +56,8 @@ class GPTModel(nn.Module):
         layer_caches = kv_cache.layers if kv_cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches):
             x = block(x, mask, layer_cache)
+        if last_only:
+            x = x[:, -1:]
         return self.out_head(self.final_norm(x))
 
 

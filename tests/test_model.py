@@ -88,6 +88,16 @@ def test_output_head_is_tied_and_classifier_head_is_not():
     assert classifier(torch.zeros(1, 5, dtype=torch.long)).shape == (1, 5, 2)
 
 
+def test_last_only_scores_the_last_position_as_the_full_forward_does():
+    torch.manual_seed(0)
+    model = GPTModel(GPT_CONFIGS["tiny"]).eval()
+    input_ids = torch.randint(0, GPT_CONFIGS["tiny"]["vocab_size"], (2, 7))
+    with torch.no_grad():
+        last = model(input_ids, last_only=True)
+        torch.testing.assert_close(last, model(input_ids)[:, -1:])
+    assert last.shape == (2, 1, GPT_CONFIGS["tiny"]["vocab_size"])
+
+
 def test_openai_sizes_match_hparams():
     expected = {"124M": (768, 12, 12), "355M": (1024, 16, 24), "774M": (1280, 20, 36), "1558M": (1600, 25, 48)}
     for name, (embedding_dim, heads, layers) in expected.items():

@@ -5,6 +5,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 from modules import GPTModel, GPT_CONFIGS
@@ -120,16 +121,19 @@ def test_ten_runs_of_one_greedy_command_give_the_same_tokens(tmp_path):
     assert len(tokens) == 1 and len(eval(tokens.pop())) == 40
 
 
-def test_int8_weights_are_the_float_weights_rounded_per_row():
-    linear = torch.nn.Linear(16, 8)
+@pytest.mark.parametrize("in_features", [16, 18])  # 18: the last word of each row is half padding
+def test_int8_weights_are_the_float_weights_rounded_per_row(in_features):
+    linear = torch.nn.Linear(in_features, 8)
     with torch.no_grad():
         linear.weight[0] *= 100  # a row of large weights must not cost the other rows their precision
     quantized = Int8Linear(linear)
-    dequantized = quantized.weight.float() * quantized.scales[:, None]
-    assert quantized.weight.dtype == torch.int8 and quantized.scales.shape == (8,)
+    matrix = quantized.matrix()
+    dequantized = matrix.float() * quantized.scales[:, None]
+    assert matrix.dtype == torch.int8 and matrix.shape == (8, in_features) and quantized.scales.shape == (8,)
     assert torch.all((dequantized - linear.weight).abs() <= quantized.scales[:, None] / 2 + 1e-7)
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(quantized(x), torch.nn.functional.linear(x, dequantized, linear.bias))
+    # Several rows take the matrix product, a single row the pass over the packed words: both are x W^T.
+    for x in (torch.randn(3, in_features), torch.randn(1, in_features), torch.randn(1, 1, in_features)):
+        torch.testing.assert_close(quantized(x), torch.nn.functional.linear(x, dequantized, linear.bias))
 
 
 def test_int8_generation_keeps_most_greedy_tokens():

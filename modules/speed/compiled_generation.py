@@ -11,9 +11,9 @@ On the CPU three things make the compiled step fast; without them it was slower 
 (measured on a 2-core AMD EPYC with AVX512-BF16, GPT-2 124M, batch 1, 64+256 tokens):
 
 - A single row's product with a weight matrix is written out as what it is, y_n = sum_k x_k W_nk
-  (MatrixVectorProducts), so that inductor makes one loop streaming the matrix through both cores, with an
-  int8 matrix's conversion to float fused into it. F.linear would call the BLAS matrix product instead,
-  which for one row ran on one core, and an int8 matrix would first be converted whole.
+  (MatrixVectorProducts), so that inductor makes one loop streaming the matrix through both cores.
+  F.linear would call the BLAS matrix product instead, which for one row ran on one core. An int8
+  matrix's product is written out by Int8Linear itself, its conversion to float inside the loop.
 - Attention is compiled written out (softmax(Q K^T) V, PyTorch's "math" backend): the fused kernel is made
   for many queries, and for one query over 512 cached bfloat16 keys and values it took 4.9 ms a token for
   12 layers, inductor's loops 0.65.
