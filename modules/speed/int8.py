@@ -45,7 +45,7 @@ class Int8Linear(nn.Module):
         words = -(-self.in_features // 4)
         # Rounded and packed a block of rows at a time, so that the float32 temporary stays small.
         self.register_buffer("weight", torch.cat([
-            pack_words(F.pad((rows / row_scales[:, None]).round_().clamp_(-127, 127), (0, 4 * words - self.in_features)))
+            pack_words((rows / row_scales[:, None]).round_().clamp_(-127, 127).to(torch.int8), words)
             for rows, row_scales in zip(weight.split(QUANTIZE_ROWS), scales.split(QUANTIZE_ROWS))]))
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
@@ -75,10 +75,11 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
-def pack_words(rows):
-    """Whole numbers in [-127, 127], (rows, 4 * words) float32 -> their int8 four to a word, (rows, words, 4):
-    byte j of word m is column j * words + m (Int8Linear)."""
-    return rows.to(torch.int8).unflatten(1, (4, -1)).transpose(1, 2).contiguous()
+def pack_words(rows, words):
+    """int8 rows, (rows, in), four to a word, (rows, words, 4): byte j of word m is column j * words + m, the
+    columns from in to 4 * words zero (Int8Linear)."""
+    columns = F.pad(rows, (0, 4 * words - rows.shape[1])) if rows.shape[1] < 4 * words else rows
+    return columns.unflatten(1, (4, words)).transpose(1, 2).contiguous()
 
 
 def quantize_int8(model):
@@ -88,8 +89,9 @@ def quantize_int8(model):
     The head shares its matrix with the token embedding: it gets its own int8 copy, and the embedding,
     of which a token reads one row, keeps its float32 weights."""
     model.float()
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear:
-                parent.register_module(name, Int8Linear(child))
+    # The places, not the Linears: each float32 matrix is freed as soon as its Int8Linear replaces it.
+    places = [(parent, name) for parent in model.modules()
+              for name, child in parent.named_children() if type(child) is nn.Linear]
+    for parent, name in places:
+        parent.register_module(name, Int8Linear(getattr(parent, name)))
     return model
