@@ -131,9 +131,13 @@ def test_int8_weights_are_the_float_weights_rounded_per_row(in_features):
     dequantized = matrix.float() * quantized.scales[:, None]
     assert matrix.dtype == torch.int8 and matrix.shape == (8, in_features) and quantized.scales.shape == (8,)
     assert torch.all((dequantized - linear.weight).abs() <= quantized.scales[:, None] / 2 + 1e-7)
-    # Several rows take the matrix product, a single row the pass over the packed words: both are x W^T.
+    # Eager, every call takes the matrix product; compiled, a single row takes the pass over the packed
+    # words (row_product, called here directly): both are x W^T.
     for x in (torch.randn(3, in_features), torch.randn(1, in_features), torch.randn(1, 1, in_features)):
         torch.testing.assert_close(quantized(x), torch.nn.functional.linear(x, dequantized, linear.bias))
+        if x.shape[:-1].numel() == 1:
+            row_product = quantized.row_product(x) * quantized.scales + linear.bias.detach()
+            torch.testing.assert_close(row_product, torch.nn.functional.linear(x, dequantized, linear.bias))
 
 
 def test_int8_generation_keeps_most_greedy_tokens():

@@ -78,8 +78,7 @@ class Int8Linear(nn.Module):
 def pack_words(rows, words):
     """int8 rows, (rows, in), four to a word, (rows, words, 4): byte j of word m is column j * words + m, the
     columns from in to 4 * words zero (Int8Linear)."""
-    columns = F.pad(rows, (0, 4 * words - rows.shape[1])) if rows.shape[1] < 4 * words else rows
-    return columns.unflatten(1, (4, words)).transpose(1, 2).contiguous()
+    return F.pad(rows, (0, 4 * words - rows.shape[1])).unflatten(1, (4, words)).transpose(1, 2).contiguous()
 
 
 def quantize_int8(model):
