@@ -12,7 +12,7 @@ from modules import GPTModel, GPT_CONFIGS
 from modules.generation import generate
 from modules.training.optimizer import make_optimizer
 from modules.speed import generation_dtype, prepare_for_generation
-from modules.speed.int8 import Int8Linear
+from modules.speed.int8 import Int8Linear, Int8WordsLinear
 from tests.conftest import REPO, run_script
 
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 32}
@@ -121,23 +121,30 @@ def test_ten_runs_of_one_greedy_command_give_the_same_tokens(tmp_path):
     assert len(tokens) == 1 and len(eval(tokens.pop())) == 40
 
 
+@pytest.mark.parametrize("layer", [Int8Linear, Int8WordsLinear])
 @pytest.mark.parametrize("in_features", [16, 18])  # 18: the last word of each row is half padding
-def test_int8_weights_are_the_float_weights_rounded_per_row(in_features):
+def test_int8_weights_are_the_float_weights_rounded_per_row(layer, in_features):
     linear = torch.nn.Linear(in_features, 8)
     with torch.no_grad():
         linear.weight[0] *= 100  # a row of large weights must not cost the other rows their precision
-    quantized = Int8Linear(linear)
+    quantized = layer(linear)
     matrix = quantized.matrix()
     dequantized = matrix.float() * quantized.scales[:, None]
     assert matrix.dtype == torch.int8 and matrix.shape == (8, in_features) and quantized.scales.shape == (8,)
     assert torch.all((dequantized - linear.weight).abs() <= quantized.scales[:, None] / 2 + 1e-7)
-    # Eager, every call takes the matrix product; compiled, a single row takes the pass over the packed
-    # words (row_product, called here directly): both are x W^T.
+    # Eager, every call takes the matrix product; compiled, a single row takes the pass over the matrix
+    # (row_product, called here directly, then compiled as the decoding step compiles it): all are x W^T.
     for x in (torch.randn(3, in_features), torch.randn(1, in_features), torch.randn(1, 1, in_features)):
         torch.testing.assert_close(quantized(x), torch.nn.functional.linear(x, dequantized, linear.bias))
         if x.shape[:-1].numel() == 1:
             row_product = quantized.row_product(x) * quantized.scales + linear.bias.detach()
             torch.testing.assert_close(row_product, torch.nn.functional.linear(x, dequantized, linear.bias))
+    x = torch.randn(1, 1, in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled = torch.compile(quantized.to(torch.bfloat16), fullgraph=True, dynamic=False)(x)
+    reference = torch.nn.functional.linear(x.float(), dequantized, linear.bias)
+    assert compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled.float(), reference, atol=0.05, rtol=0.02)
 
 
 def test_int8_generation_keeps_most_greedy_tokens():
