@@ -8,7 +8,8 @@ activations' dtype (prepare_for_generation: bfloat16 where the machine computes 
 what attention reads from the cache: 1.17x the tokens a second of float32 activations with the compiled
 step on a 2-core AMD EPYC); the compiled decoding step (modules/speed/compiled_generation.py) converts
 the weights on the fly inside a single row's product, one pass over the int8 matrix, as gpt-fast's
-WeightOnlyInt8Linear does (on AVX2 CPUs over int8 packed four to a word: Int8WordsLinear). Eager, each call converts a whole matrix first: int8 pays only compiled.
+WeightOnlyInt8Linear does (on AVX2 CPUs over int8 packed four to a word: Int8WordsLinear). Eager, each
+call converts a whole matrix first: int8 pays only compiled.
 
 Made at load time from any checkpoint: nothing new is saved. The quality it costs is measured in
 benchmarks/README.md (next-token agreement with float32, validation loss).
@@ -86,8 +87,8 @@ class Int8WordsLinear(Int8Linear):
     with AVX512-BF16, one process, alternating; benchmarks/README.md)."""
 
     def pack(self, rows):
-        """int8 rows, (rows, in), four to a word, (rows, words, 4): byte j of word m is column j * words + m, the
-        columns from in to 4 * words zero."""
+        """int8 rows, (rows, in), four to a word, (rows, words, 4): byte j of word m is column j * words + m,
+        the columns from in to 4 * words zero."""
         words = -(-self.in_features // 4)
         return F.pad(rows, (0, 4 * words - rows.shape[1])).unflatten(1, (4, words)).transpose(1, 2).contiguous()
 
@@ -99,10 +100,11 @@ class Int8WordsLinear(Int8Linear):
         return matrix.view(out_features, 4 * words)[:, :self.in_features]
 
     def row_product(self, x):
-        """x W_int8^T for a single row x (..., in), in float32 (see Int8Linear.row_product), over the words: the
-        products of x's four segments with the four bytes of each word, summed (compiled, one pass)."""
-        words = self.weight.view(torch.float32).view(torch.int32).squeeze(-1)  # (out, in/4); float32: see above
-        x = F.pad(x.float(), (0, 4 * words.shape[1] - self.in_features)).view(*x.shape[:-1], 4, words.shape[1])
+        """x W_int8^T for a single row x (..., in), in float32 (see Int8Linear.row_product), over the words:
+        the products of x's four segments with the four bytes of each word, summed (compiled, one pass)."""
+        words = self.weight.view(torch.float32).view(torch.int32).squeeze(-1)  # (out, in/4); float32: above
+        x = F.pad(x.float(), (0, 4 * words.shape[1] - self.in_features))
+        x = x.view(*x.shape[:-1], 4, words.shape[1])
         products = sum(x[..., j, None, :] * ((words << shift) >> 24).float()  # the byte, sign-extended
                        for j, shift in enumerate(BYTE_SHIFTS))
         return products.sum(-1)
