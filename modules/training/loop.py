@@ -261,17 +261,22 @@ class Trainer:
         self.training_model.train()
         progress_bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
                             disable=not self.process.is_main, dynamic_ncols=True)
-        with StopRequest() as stop:
-            while self.progress.step < self.total_steps:
-                started = time.perf_counter()
-                loss, tokens = self.train_step()
-                progress_bar.update()
-                progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                         tokens_per_s=f"{tokens / (time.perf_counter() - started):,.0f}")
-                if self.progress.step % self.eval_interval == 0 or self.progress.step == self.total_steps:
-                    self.evaluate_and_save()
-                if self._stop_requested(stop):
-                    self._save_and_stop(progress_bar)
+        try:
+            with StopRequest() as stop:
+                while self.progress.step < self.total_steps:
+                    started = time.perf_counter()
+                    loss, tokens = self.train_step()
+                    progress_bar.update()
+                    progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                             tokens_per_s=f"{tokens / (time.perf_counter() - started):,.0f}")
+                    if self.progress.step % self.eval_interval == 0 or self.progress.step == self.total_steps:
+                        self.evaluate_and_save()
+                    if self._stop_requested(stop):
+                        self._save_and_stop(progress_bar)
+        finally:
+            # DDP's wrapper holds the process group. Freed after the script has left the group (training_run),
+            # gloo's destructor waited for its threads forever: 1 run in 5 of two CPU processes hung at exit.
+            self.training_model = self.model
         progress_bar.close()
 
     def _stop_requested(self, stop):
