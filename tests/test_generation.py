@@ -9,7 +9,7 @@ from modules.generation import generate, stream_text, stream_tokens
 from modules.inference import KVCache, StaticKVCache, cache_slots, decode_step, next_token_logits
 from modules.speed import compiled_decoding, prepare_for_generation
 from modules.speed import compiled_generation
-from modules.speed.compiled_generation import MatrixVectorProducts
+from modules.speed.compiled_generation import DecodingProducts
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -138,16 +138,22 @@ def test_compiled_greedy_equals_eager(model):
     assert not compiled_decoding(model).failed
 
 
-def test_a_single_rows_product_is_written_out_as_a_sum_and_others_stay():
+def test_the_decoding_steps_products_are_the_linear_layers():
+    # A single row written out as a sum, float32 rows as W x^T, bfloat16 rows as F.linear computes them.
     linear = torch.nn.Linear(16, 8)
-    row, rows = torch.randn(1, 1, 16), torch.randn(3, 16)
-    with MatrixVectorProducts():
-        torch.testing.assert_close(linear(row), torch.nn.functional.linear(row, linear.weight, linear.bias))
-        assert torch.equal(linear(rows), torch.nn.functional.linear(rows, linear.weight, linear.bias))
+    row, rows = torch.randn(1, 1, 16), torch.randn(2, 3, 16)
+    expected = [torch.nn.functional.linear(x, linear.weight, linear.bias) for x in (row, rows)]
+    bfloat16_rows = rows.bfloat16()
+    with DecodingProducts():
+        for x, y in zip((row, rows), expected):
+            torch.testing.assert_close(linear(x), y)
+            assert linear(x).shape == y.shape
+        assert torch.equal(linear.bfloat16()(bfloat16_rows),
+                           torch.nn.functional.linear(bfloat16_rows, linear.weight, linear.bias))
 
 
 def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(model):
-    # Batch 1 is where the compiled step writes each product out (MatrixVectorProducts): float32 and an
+    # Batch 1 is where the compiled step writes each product out (DecodingProducts): float32 and an
     # int8 copy of the same model compile graphs of their own in one process (the module types differ).
     # int8 computes in bfloat16 where the CPU has it: bfloat16's tolerance. float32 runs again last: its
     # built step skips every guard but those that tell it from int8's (CompiledDecoding.step).
