@@ -142,14 +142,15 @@ def test_the_decoding_steps_products_are_the_linear_layers():
     # A single row written out as a sum, float32 rows as W x^T, bfloat16 rows as F.linear computes them.
     linear = torch.nn.Linear(16, 8)
     row, rows = torch.randn(1, 1, 16), torch.randn(2, 3, 16)
+    bfloat16_linear, bfloat16_rows = copy.deepcopy(linear).bfloat16(), rows.bfloat16()
+    # The expected products are computed outside the mode: inside it, F.linear is the mode's too.
     expected = [torch.nn.functional.linear(x, linear.weight, linear.bias) for x in (row, rows)]
-    bfloat16_rows = rows.bfloat16()
+    expected_bfloat16 = bfloat16_linear(bfloat16_rows)
     with DecodingProducts():
         for x, y in zip((row, rows), expected):
             torch.testing.assert_close(linear(x), y)
             assert linear(x).shape == y.shape
-        assert torch.equal(linear.bfloat16()(bfloat16_rows),
-                           torch.nn.functional.linear(bfloat16_rows, linear.weight, linear.bias))
+        assert torch.equal(bfloat16_linear(bfloat16_rows), expected_bfloat16)
 
 
 def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(model):
