@@ -75,7 +75,7 @@ def held_out_test_records(checkpoint, metadata, data_override=None):
     if data_override is None and not path.is_file():
         if not info.get("url"):
             raise UserError(f"{path}, the data {checkpoint} was tuned on, is missing; pass its new place with --data PATH")
-        fetch_alpaca(path, info["url"])
+        path = fetch_alpaca(path, info["url"])
     entries = load_instruction_data(path, info["limit"])
     if file_sha256(path) != info["sha256"]:
         print(f"warning: {path} differs from the file the model was tuned on, so the test set may hold "

@@ -106,8 +106,7 @@ def instruction_data_path(args, process):
         return args.data
     path = args.data_dir / "alpaca_data.json"
     with process.main_process_first():
-        fetch_alpaca(path, args.data_url)
-    return path
+        return fetch_alpaca(path, args.data_url)
 
 
 def main():

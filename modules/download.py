@@ -1,7 +1,8 @@
 """Downloads that survive bad networks and never leave a broken file behind.
 
 Bytes go to `<file>.part`; only when all of them have arrived is it renamed to `<file>`, so a file
-under its real name is always complete and is never fetched again. An interrupted download (a cut
+under its real name is always complete and is never fetched again. Where the folder cannot be written,
+the file goes to the user's cache folder (modules/caches.py). An interrupted download (a cut
 connection, Ctrl-C, a crash) resumes where it stopped: the next request asks the server only for the
 missing bytes (HTTP Range). Transient failures (timeouts, resets, 5xx) are retried with exponential
 backoff; anything else ends with one message naming the URL and how to do without the network.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .caches import cache_paths, write_cache
 from .errors import UserError
 from .files import write_error
 
@@ -31,7 +33,9 @@ class IncompleteDownload(ConnectionError):
 
 def download_file(url, path, expected_size=None, hint=None, retries=3, backoff_seconds=1.0, timeout=30.0,
                   progress=True):
-    """Download `url` to `path` (skipped when `path` already exists) and return `path`.
+    """Download `url` to `path` (skipped when it is already there, complete) and return where it is: `path`,
+    or, where the operating system refuses to write it, the same path in the user's cache folder
+    (modules/caches.py; one line says so).
 
     expected_size: the size in bytes the file must have; a file of another size is refused.
     hint: what the user can do without the network, for the error message (e.g. "pass --data PATH").
@@ -39,17 +43,25 @@ def download_file(url, path, expected_size=None, hint=None, retries=3, backoff_s
         a retry that received bytes resets the count, so a slow, flaky link still finishes.
     """
     path = Path(path)
-    if path.is_file() and (expected_size is None or path.stat().st_size == expected_size):
-        if progress:
-            print(f"{path} is already complete")
-        return path
+    for location in cache_paths(path):
+        if location.is_file() and (expected_size is None or location.stat().st_size == expected_size):
+            if progress:
+                print(f"{location} is already complete")
+            return location
     hint = hint or f"Without network access, download it on another machine and put it at {path}."
+    return write_cache(path, lambda location: _download(url, location, expected_size, hint, retries, backoff_seconds,
+                                                        timeout, progress),
+                       f"{path.name}, downloaded from {url},", required=True)
+
+
+def _download(url, path, expected_size, hint, retries, backoff_seconds, timeout, progress):
+    """Download `url` to `path` through `<path>.part`, resuming it; raises WriteRefused for the disk."""
     part = path.with_name(path.name + ".part")
-    path.parent.mkdir(parents=True, exist_ok=True)
     failures = 0
     while True:
         received_before = _size(part)
         try:
+            part.parent.mkdir(parents=True, exist_ok=True)
             _fetch_rest(url, part, expected_size, timeout, progress, path.name)
             break
         except urllib.error.HTTPError as error:
@@ -70,7 +82,6 @@ def download_file(url, path, expected_size=None, hint=None, retries=3, backoff_s
         os.replace(part, path)
     except OSError as error:
         raise write_error(path, error, DOWNLOAD_ELSEWHERE) from None
-    return path
 
 
 def add_download_args(parser, data_help, url, what):

@@ -22,13 +22,22 @@ REMEDIES = {
 }
 
 
+class WriteRefused(UserError):
+    """The operating system refused to write a file (a full disk, a read-only file system, no permission).
+    `path` is the file and `os_error` the refusal: a cache (modules/caches.py) goes on without the file."""
+
+    def __init__(self, message, path, os_error):
+        super().__init__(message)
+        self.path, self.os_error = Path(path), os_error
+
+
 def write_error(path, error, elsewhere="another --out"):
-    """The UserError for an OSError met while writing `path`: the path, the cause and the remedy
+    """The WriteRefused for an OSError met while writing `path`: the path, the cause and the remedy
     (`elsewhere` says how to write elsewhere)."""
     cause = error.strerror or str(error)
     remedy = REMEDIES.get(error.errno, "check that disk, or write elsewhere")
-    return UserError(f"could not write {path}: {cause}; {remedy} ({elsewhere}). Any earlier {Path(path).name} "
-                     "is unchanged")
+    return WriteRefused(f"could not write {path}: {cause}; {remedy} ({elsewhere}). Any earlier {Path(path).name} "
+                        "is unchanged", path, error)
 
 
 def os_error_in(error):

@@ -24,6 +24,15 @@ def run_script(*args, cwd=REPO, timeout=600, env=None, check=True):
     return result
 
 
+@pytest.fixture(autouse=True)
+def user_cache_folder(tmp_path_factory, monkeypatch):
+    """Each test's own user cache folder (modules/caches.py), also for the scripts it runs: no test reads
+    what another left in ~/.cache, nor leaves anything there."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder / "gpt2-from-scratch"
+
+
 @pytest.fixture
 def micro_config(tmp_path):
     path = tmp_path / "micro.json"

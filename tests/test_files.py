@@ -13,7 +13,6 @@ import torch
 from tests.conftest import MICRO_CONFIG, REPO
 from modules import GPTModel
 from modules.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from modules.datasets.corpus import load_tokens
 from modules.datasets.sms_spam import write_splits
 from modules.errors import UserError
 from modules.files import atomic_write_text, exclusive_output
@@ -53,11 +52,9 @@ def test_second_writer_refuses_while_the_first_runs_and_stale_locks_are_taken_ov
 REFUSALS = {errno.ENOSPC: "free some space", errno.EROFS: "read-only", errno.EACCES: "permissions"}
 
 
-def _write_each_kind_of_file(folder):
-    """{kind: a function that writes that kind of file in `folder`, the way the project writes it}."""
+def _write_each_kind_of_output(folder):
+    """{kind: a function that writes that kind of output in `folder`, the way the project writes it}."""
     model = GPTModel(MICRO_CONFIG)
-    corpus = folder / "corpus.txt"
-    corpus.write_text("Every effort moves you. " * 20)
     messages = pd.DataFrame({"label": ["ham", "spam"], "text": ["lunch?", "win cash"]})
     results = ResumableResults(folder / "answers.json", [1, 2], key=str, keeps=lambda record: True, to_file=list,
                                what="answers")
@@ -68,16 +65,12 @@ def _write_each_kind_of_file(folder):
         "metrics": lambda: write_metrics(folder / "model.pt", {"val_loss": 1.0}),
         "plot": lambda: plot_training(plot_path(folder / "model.pt"), [(1, 100, 2.0)],
                                       [{"step": 1, "tokens_seen": 100, "train_loss": 2.0, "val_loss": 2.1}]),
-        "token cache": lambda: load_tokens(corpus) if corpus.open("a").write("More text. ") else None,  # new text: new tokens
         "answers and scores": lambda: results.record({0: {"answer": "yes"}}),
         "data splits": lambda: write_splits([messages] * 3, folder / "classifier.pt"),
-        "extracted data set": lambda: atomic_write_text(folder / "SMSSpamCollection", "ham\thi\n"),
     }
 
 
-KINDS_OF_FILE = [
-    "checkpoint", "resume state", "metrics", "plot", "token cache", "answers and scores", "data splits",
-    "extracted data set"]
+KINDS_OF_OUTPUT = ["checkpoint", "resume state", "metrics", "plot", "answers and scores", "data splits"]
 
 
 def _files_written(folder):
@@ -85,10 +78,10 @@ def _files_written(folder):
 
 
 @pytest.mark.parametrize("error_number", REFUSALS)
-@pytest.mark.parametrize("kind", KINDS_OF_FILE)
-def test_a_refused_write_names_the_path_cause_and_remedy_and_keeps_the_file_before(tmp_path, monkeypatch, kind,
-                                                                                   error_number):
-    write = _write_each_kind_of_file(tmp_path)[kind]
+@pytest.mark.parametrize("kind", KINDS_OF_OUTPUT)
+def test_a_refused_output_names_the_path_cause_and_remedy_and_keeps_the_file_before(tmp_path, monkeypatch, kind,
+                                                                                    error_number):
+    write = _write_each_kind_of_output(tmp_path)[kind]
     write()
     before = _files_written(tmp_path)
 
@@ -96,7 +89,7 @@ def test_a_refused_write_names_the_path_cause_and_remedy_and_keeps_the_file_befo
         raise OSError(error_number, os.strerror(error_number))
 
     # The disk is full (or read-only, or not ours) when the written bytes are flushed, and so the
-    # rename never comes: what every kind of file goes through, the atomic writer, has to say so.
+    # rename never comes: what every kind of output goes through, the atomic writer, has to say so.
     monkeypatch.setattr(os, "fsync", refuse)
     with pytest.raises(UserError) as refused:
         write()
@@ -124,18 +117,13 @@ def test_torch_saves_runtime_error_over_a_full_disk_is_read_as_the_full_disk(tmp
     assert [path.name for path in tmp_path.iterdir()] == ["model.pt"] and (tmp_path / "model.pt").read_bytes() == before
 
 
-def test_a_download_that_cannot_be_written_says_so_and_a_lock_that_cannot_be_taken_too(tmp_path, monkeypatch):
-    import modules.download
+@pytest.mark.parametrize("error_number", REFUSALS)
+def test_a_lock_that_cannot_be_taken_names_the_output(tmp_path, monkeypatch, error_number):
+    def refuse(*args, **kwargs):
+        raise OSError(error_number, os.strerror(error_number))
 
-    def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-
-    monkeypatch.setattr(modules.download, "open", read_only, raising=False)
-    monkeypatch.setattr(modules.download, "_fetch_rest", lambda url, part, *args: modules.download.open(part, "wb"))
-    with pytest.raises(UserError, match=r"could not write .*file.bin.part: Read-only file system; .*--data-dir"):
-        modules.download.download_file("http://example.invalid/file.bin", tmp_path / "file.bin")
-    monkeypatch.setattr(os, "open", read_only)
-    with pytest.raises(UserError, match=r"could not write .*model.pt: Read-only file system"):
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(UserError, match=rf"could not write .*model.pt: {os.strerror(error_number)}"):
         with exclusive_output(tmp_path / "model.pt"):
             pass
 

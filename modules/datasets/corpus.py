@@ -3,7 +3,7 @@
 Text is tokenized once and stored next to it as raw uint16 token ids (the same layout as a
 pre-tokenized .bin, e.g. nanoGPT's), then read through numpy.memmap, so a corpus larger than RAM
 works and a second run starts at once. The cache records a hash of the text and is rebuilt when the
-text changes.
+text changes; where it cannot be written, it is kept in the user's cache folder or not at all.
 """
 import hashlib
 import json
@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..caches import cache_paths, write_cache
 from ..config import TOKENIZER_VOCABULARY
 from ..errors import UserError
 from ..files import atomic_file, atomic_write_text
 from ..tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 CHUNK_CHARACTERS = 1 << 20  # tokenize a large file a megabyte at a time
-CACHE_ELSEWHERE = "the tokens are cached beside the text: copy it to a folder you can write in"
 
 
 def text_files(path):
@@ -59,42 +59,64 @@ def _chunks(file):
             yield pending
 
 
-def tokenize_to_cache(files, cache_path):
-    """Tokenize `files` (separated by <|endoftext|>) into `cache_path` as raw uint16, atomically."""
+def token_arrays(files):
+    """The tokens of `files`, separated by <|endoftext|>, as uint16 arrays of about a megabyte of text each,
+    with a progress bar."""
     tokenizer = get_tokenizer()
     total_bytes = sum(file.stat().st_size for file in files)
-    with atomic_file(cache_path, elsewhere=CACHE_ELSEWHERE) as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for index, file in enumerate(files):
             if index:
-                np.array([END_OF_TEXT_ID], dtype=np.uint16).tofile(out)
+                yield np.array([END_OF_TEXT_ID], dtype=np.uint16)
             try:
                 for chunk in _chunks(file):
-                    np.array(tokenizer.encode_ordinary(chunk), dtype=np.uint16).tofile(out)
+                    yield np.array(tokenizer.encode_ordinary(chunk), dtype=np.uint16)
                     bar.update(len(chunk.encode("utf-8")))
             except UnicodeDecodeError as error:
                 raise UserError(f"{file} is not UTF-8 text (byte {error.start}): convert it to UTF-8 first") from None
 
 
+def tokenize_to_cache(files, cache_path, fingerprint):
+    """Tokenize `files` into `cache_path` as raw uint16, and record `fingerprint` beside it (.json), each
+    file whole or not at all; raises WriteRefused where the operating system refuses."""
+    with atomic_file(cache_path) as out:
+        for tokens in token_arrays(files):
+            tokens.tofile(out)
+    atomic_write_text(cache_metadata_path(cache_path),
+                      json.dumps({"sha256": fingerprint, "tokenizer": "gpt2", "files": len(files)}))
+
+
+def cache_metadata_path(cache_path):
+    return cache_path.with_suffix(".json")  # corpus.txt.tokens.bin -> corpus.txt.tokens.json
+
+
+def cache_holds(cache_path, fingerprint):
+    """Whether `cache_path` holds the tokens of the text whose fingerprint is `fingerprint`."""
+    try:
+        metadata = json.loads(cache_metadata_path(cache_path).read_text())
+    except (OSError, ValueError):
+        return False  # no cache yet, or a damaged one: it is rebuilt
+    return metadata.get("sha256") == fingerprint and cache_path.is_file()
+
+
 def load_tokens(path):
-    """All tokens of --data as a read-only uint16 memmap, tokenizing (once) when given text."""
+    """All tokens of --data as a read-only uint16 array, tokenizing (once) when given text. The tokens of
+    text are cached beside it (`corpus.txt.tokens.bin`), else in the user's cache folder, else not at all
+    (modules/caches.py): a corpus on a read-only disk trains all the same."""
     path = Path(path)
     if path.suffix == ".bin" and path.is_file():
-        tokens = read_token_file(path)
-    else:
-        files = text_files(path)
-        cache_path = path.with_name(path.name + ".tokens.bin")
-        meta_path = path.with_name(path.name + ".tokens.json")
-        fingerprint = _fingerprint(files)
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = {}  # no cache yet, or a damaged one: it is rebuilt
-        if meta.get("sha256") != fingerprint or not cache_path.is_file():
-            tokenize_to_cache(files, cache_path)
-            atomic_write_text(meta_path, json.dumps({"sha256": fingerprint, "tokenizer": "gpt2", "files": len(files)}),
-                              CACHE_ELSEWHERE)
-        tokens = read_token_file(cache_path, check_ids=False)  # our tokenizer wrote it
-    return tokens
+        return read_token_file(path)
+    files = text_files(path)
+    fingerprint = _fingerprint(files)
+    cache = path.with_name(path.name + ".tokens.bin")
+    for location in cache_paths(cache):
+        if cache_holds(location, fingerprint):
+            return read_token_file(location, check_ids=False)  # our tokenizer wrote it
+    location = write_cache(cache, lambda location: tokenize_to_cache(files, location, fingerprint),
+                           f"the tokens of {path}")
+    if location is None:
+        return np.concatenate([np.zeros(0, np.uint16), *token_arrays(files)])
+    return read_token_file(location, check_ids=False)
 
 
 def read_token_file(path, check_ids=True):

@@ -39,7 +39,8 @@ def format_prompt(entry):
 
 # ----------------------------------------------------------------------------- the data
 def fetch_alpaca(path, url=ALPACA_URL):
-    """Stanford Alpaca's 52,002 records at `path`, downloaded from `url` unless already there."""
+    """Stanford Alpaca's 52,002 records at `path`, downloaded from `url` unless already there; returns
+    where they are (the user's cache folder where `path` cannot be written)."""
     return download_file(url, path, hint="With no network, pass a local copy (a JSON list or JSONL of "
                                          "instruction/input/output records) with --data PATH.")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..caches import cache_paths, write_cache
 from ..download import download_file
 from ..errors import UserError
 from ..files import atomic_write_text
@@ -31,19 +32,21 @@ LOCAL_HINT = "--data PATH (UCI's SMSSpamCollection file, or a CSV with label and
 
 # ----------------------------------------------------------------------------- getting the file
 def fetch_sms_spam(data_dir, url=SMS_SPAM_URL):
-    """Path of SMSSpamCollection in `data_dir`, downloading and extracting UCI's zip when it is not there."""
-    data_dir = Path(data_dir)
-    path = data_dir / DATA_FILE
-    if path.is_file():
-        return path
-    archive = download_file(url, data_dir / "sms_spam_collection.zip", hint=f"Without network access, pass {LOCAL_HINT}.")
+    """Path of SMSSpamCollection in `data_dir`, downloading and extracting UCI's zip when it is not there
+    (both kept in the user's cache folder where `data_dir` cannot be written, modules/caches.py)."""
+    path = Path(data_dir) / DATA_FILE
+    for location in cache_paths(path):
+        if location.is_file():
+            return location
+    archive = download_file(url, path.with_name("sms_spam_collection.zip"), hint=f"Without network access, pass {LOCAL_HINT}.")
     try:
         with zipfile.ZipFile(archive) as zipped:
             text = zipped.read(DATA_FILE).decode("utf-8")
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError):
         raise UserError(f"{archive} is not UCI's zip holding {DATA_FILE}: delete it and run again, or pass {LOCAL_HINT}") from None
-    atomic_write_text(path, text, "choose another --data-dir")  # a half-extracted file would pass for the data set next time
-    return path
+    # Written whole or not at all: a half-extracted file would pass for the data set next time.
+    return write_cache(path, lambda location: atomic_write_text(location, text), f"{DATA_FILE}, extracted from {archive},",
+                       required=True)
 
 
 # ----------------------------------------------------------------------------- reading it

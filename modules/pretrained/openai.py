@@ -4,13 +4,15 @@ TensorFlow is imported only inside load_gpt2, so importing this file (or any scr
 OpenAI's weights) does not pay for it.
 """
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from ..download import download_file
+from ..caches import cache_paths
+from ..download import DOWNLOAD_ELSEWHERE, download_file
 from ..errors import UserError
-from ..files import read_json
+from ..files import read_json, write_error
 
 from .build import build_gpt2, config_from
 
@@ -26,16 +28,28 @@ OPENAI_CONFIG_KEYS = {"n_vocab": "vocab_size", "n_ctx": "context_size", "n_embd"
 
 
 def download_gpt2(model_size, models_dir="gpt2", base_url=BASE_URL, **download_options):
-    """Fetch OpenAI's files for `model_size` into models_dir/model_size (files already there are kept)."""
+    """Fetch OpenAI's files for `model_size` into models_dir/model_size (files already there are kept) and
+    return that folder; where it cannot be written, the files go to the same path in the user's cache folder
+    (modules/caches.py), and that folder is returned."""
     if model_size not in MODEL_SIZES:
         raise UserError(f"unknown GPT-2 size {model_size!r}; OpenAI published {', '.join(MODEL_SIZES)}")
     model_dir = Path(models_dir) / model_size
     url = f"{base_url}/{model_size}"
     hint = (f"Without network access, download {', '.join(FILES)} from {url}/ on another machine and put them "
             f"in {model_dir}/ (or pass --from-hf with a Hugging Face copy of GPT-2).")
-    for name in FILES:
-        download_file(f"{url}/{name}", model_dir / name, hint=hint, **download_options)
-    return model_dir
+    locations = [download_file(f"{url}/{name}", model_dir / name, hint=hint, **download_options) for name in FILES]
+    folders = {location.parent for location in locations}
+    if len(folders) == 1:
+        return folders.pop()
+    # Some files were in models_dir already and the rest went to the user's cache folder: gather them there.
+    cache_folder = cache_paths(model_dir)[1]
+    for location in locations:
+        if location.parent != cache_folder:
+            try:
+                shutil.copy2(location, cache_folder / location.name)
+            except OSError as error:
+                raise write_error(cache_folder / location.name, error, DOWNLOAD_ELSEWHERE) from None
+    return cache_folder
 
 
 def load_gpt2(model_dir):
