@@ -13,6 +13,7 @@ its own st.session_state. The server holds at most --max-models models; when a s
 for one larger than the free memory, its page says so and the other sessions go on.
 """
 import argparse
+import dataclasses
 import functools
 import itertools
 import re
@@ -29,8 +30,7 @@ from modules.device import get_device
 from modules.errors import UserError, check_flag
 from modules.generation import prompt_ids, stream_text
 from modules.model_shelf import ModelShelf, check_fits_in_memory, out_of_memory
-from modules.speed import add_generation_args, compiled_decoding, generation_dtype, prepare_for_generation
-from modules.speed.compiled_generation import compiled_decoding_if_any
+from modules.speed import CompiledDecoder, add_generation_args, decoder_for, generation_dtype, prepare_for_generation
 from modules.datasets.instructions import format_prompt
 
 # Sampling makes a small pretrained model read better; instruction tuning is judged on greedy answers,
@@ -82,32 +82,44 @@ def model_shelf(limit):
     return ModelShelf(limit)
 
 
+@dataclasses.dataclass
+class ServedModel:
+    """A checkpoint as the app serves it to every session: its model, kind and metadata (as
+    LoadedCheckpoint's) and, with --compile, the CompiledDecoder its generating pages answer with."""
+
+    model: object
+    kind: str
+    metadata: dict
+    decoder: CompiledDecoder | None
+
+
 def load_model(path, device, dtype_name, compiled=False):
-    """The checkpoint at `path` (a LoadedCheckpoint: model, kind, metadata), checked first to fit in the
-    free memory; shared by all sessions (read-only after this)."""
+    """The checkpoint at `path` as a ServedModel, checked first to fit in the free memory; shared by all
+    sessions (read-only after this)."""
     check_fits_in_memory(path)
     with st.spinner("Loading the model..."):
         loaded = open_checkpoint(path, device=device, kinds=KINDS)
-        prepare_for_generation(loaded.model, dtype_name, compiled)
-    if compiled and loaded.kind in GENERATION_DEFAULTS:
+        prepare_for_generation(loaded.model, dtype_name)
+    generating = loaded.kind in GENERATION_DEFAULTS
+    served = ServedModel(loaded.model, loaded.kind, loaded.metadata, decoder_for(loaded.model, compiled and generating))
+    if served.decoder:
         # Built once per model, while the first answers come from the eager step: the step for a prompt of
         # up to 64 tokens at the default length, which shorter prompts use too; longer ones are built when
         # first asked for.
-        tokens = 64 + GENERATION_DEFAULTS[loaded.kind]["max_new_tokens"]
-        compiled_decoding(loaded.model).ready_or_build_in_background(1, tokens)
-    return loaded
+        served.decoder.ready_or_build_in_background(1, 64 + GENERATION_DEFAULTS[loaded.kind]["max_new_tokens"])
+    return served
 
 
-def stream_answer(model, prompt, settings):
-    """stream_text(model, prompt, **settings) with the compiled decoding step once it is built for this
-    length (in the background, meanwhile the eager step answers); a caption says which one answered."""
-    decoding = compiled_decoding_if_any(model)  # None with --no-compile
+def stream_answer(model, prompt, settings, decoder):
+    """stream_text(model, prompt, **settings) with the compiled `decoder` (None with --no-compile) once its
+    step is built for this length (in the background, meanwhile the eager step answers); a caption says
+    which one answered."""
     input_ids = prompt_ids(prompt, next(model.parameters()).device)
     tokens = input_ids.shape[1] + settings["max_new_tokens"]
-    compiled = decoding is not None and decoding.ready_or_build_in_background(1, tokens)
+    compiled = decoder is not None and decoder.ready_or_build_in_background(1, tokens)
     st.caption("Answered by the compiled decoding step." if compiled else "Answered by the eager step"
-               + ("; the compiled one is being built." if decoding and not decoding.failed else "."))
-    return stream_text(model, input_ids, **settings, compiled=compiled)
+               + ("; the compiled one is being built." if decoder and not decoder.failed else "."))
+    return stream_text(model, input_ids, **settings, decoder=decoder if compiled else None)
 
 
 def plain_text_as_markdown(text):
@@ -192,23 +204,23 @@ def has_text(text, what):
     return False
 
 
-def complete_text(checkpoint):
+def complete_text(served):
     """kind "lm": the prompt followed by its continuation, streamed as it is generated."""
-    model = checkpoint.model
+    model = served.model
     settings = generation_settings("lm")
     prompt = st.text_area("Prompt", "Every effort moves you")
     tab = clicked_action_tab("lm", "Generate", prompt, "a prompt",
                              lambda: show_language_model_inside(model, prompt, settings, "lm"))
     if tab:
         with tab:
-            pieces = itertools.chain([prompt], stream_answer(model, prompt, settings))  # its caption above the box
+            pieces = itertools.chain([prompt], stream_answer(model, prompt, settings, served.decoder))  # caption first
             with st.container(border=True, key="output"):
                 st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
-def follow_instruction(checkpoint):
+def follow_instruction(served):
     """kind "instruct": the original's Alpaca prompt; the answer ends at <|endoftext|>."""
-    model = checkpoint.model
+    model = served.model
     settings = generation_settings("instruct")
     instruction = st.text_area("Instruction", "Rewrite the sentence using a simile.")
     input_text = st.text_area("Input (optional)", "The car is very fast.")
@@ -219,15 +231,15 @@ def follow_instruction(checkpoint):
         with tab:
             with st.expander("The prompt the model sees"):
                 st.text(prompt)
-            pieces = stream_answer(model, prompt, settings)  # its caption above the box
+            pieces = stream_answer(model, prompt, settings, served.decoder)  # its caption above the box
             with st.container(border=True, key="output"):
                 st.write_stream(plain_text_as_markdown(piece) for piece in pieces)
 
 
-def detect_spam(checkpoint):
+def detect_spam(served):
     """kind "classifier": the most likely label of a message and its probability, with the label names
     and the message length the classifier was trained with."""
-    model, settings = checkpoint.model, classifier_settings(checkpoint.metadata)
+    model, settings = served.model, classifier_settings(served.metadata)
     if settings["label_names"]:
         st.caption(f"Labels: {', '.join(settings['label_names'])}")
     text = st.text_area("Message", "You are a winner! Claim your free prize now by calling 0800 123 456.")
@@ -240,7 +252,7 @@ def detect_spam(checkpoint):
         confidence.metric("Probability", f"{probability:.1%}")
 
 
-# Each page takes the LoadedCheckpoint (model, kind, metadata).
+# Each page takes the ServedModel (model, kind, metadata, decoder).
 PAGES = {"lm": complete_text, "instruct": follow_instruction, "classifier": detect_spam}
 TITLES = {"lm": "Text completion", "instruct": "Instruction following", "classifier": "Spam detector"}
 

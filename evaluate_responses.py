@@ -28,7 +28,7 @@ from modules.errors import UserError, run_main
 from modules.files import exclusive_output
 from modules.presets import Preset, parse_with_presets
 from modules.results import ResumableResults
-from modules.speed import add_generation_args, generation_dtype, prepare_for_generation
+from modules.speed import add_generation_args, decoder_for, generation_dtype, prepare_for_generation
 from modules.tokenizer import get_tokenizer
 
 
@@ -88,9 +88,9 @@ def record_key(record):
     return record.get("instruction"), record.get("input", ""), record.get("output")
 
 
-def answer_test_records(model, selected, settings, args, generator):
+def answer_test_records(model, selected, settings, args, generator, decoder):
     """Answer the `selected` records into --out, keeping the answers made earlier with `settings` and
-    saving after each batch; returns how many were kept."""
+    saving after each batch (decoder: generate's); returns how many were kept."""
     answers = ResumableResults(
         args.out, selected, key=record_key, what="a JSON list of answers from evaluate_responses.py",
         keeps=lambda record: record.get("generation") == settings and "model_response" in record,
@@ -104,7 +104,7 @@ def answer_test_records(model, selected, settings, args, generator):
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start:start + args.batch_size]
             responses = generate_responses(model, [selected[index] for index in batch], args.max_new_tokens,
-                                           args.temperature, args.top_k, args.top_p, generator)
+                                           args.temperature, args.top_k, args.top_p, generator, decoder)
             answers.record({index: {**selected[index], "model_response": response, "generation": settings}
                             for index, response in zip(batch, responses)})
             bar.update(len(batch))
@@ -115,7 +115,7 @@ def main():
     args = parse_args()
     device = get_device(args.device)
     tuned = open_checkpoint(args.checkpoint, device, kinds=("instruct",))
-    model = prepare_for_generation(tuned.model, args.dtype, args.compile)
+    model = prepare_for_generation(tuned.model, args.dtype)
     test = held_out_test_records(args.checkpoint, tuned.metadata, args.data)
     selected = test[:args.num]
     if args.num > len(test):
@@ -129,7 +129,7 @@ def main():
                 "dtype": generation_dtype(model)}
     generator = torch.Generator(device=device).manual_seed(args.seed) if sampling else None
     with exclusive_output(args.out):
-        kept = answer_test_records(model, selected, settings, args, generator)
+        kept = answer_test_records(model, selected, settings, args, generator, decoder_for(model, args.compile))
     print(f"{len(selected)} answers in {args.out} ({kept} kept from an earlier run). "
           f"Next: python gpt_eval.py --data {args.out}")
 

@@ -23,19 +23,19 @@ from modules.generation import stream_text
 # load_gpt2 stays importable from this script, where the original kept its loader (under other names:
 # download_and_load_gpt2_weights and load_weights_to_model, which this project does not provide).
 from modules.pretrained import BASE_URL, MODEL_SIZES, download_gpt2, load_gpt2, load_gpt2_from_hf
-from modules.speed import add_generation_args, prepare_for_generation
+from modules.speed import add_generation_args, decoder_for, prepare_for_generation
 from modules.tokenizer import END_OF_TEXT_ID
 
 
-def print_sample(model, prompt, max_new_tokens):
-    """Print a greedy continuation of `prompt`, so the user sees that the weights work."""
+def print_sample(model, prompt, max_new_tokens, decoder=None):
+    """Print a greedy continuation of `prompt`, so the user sees that the weights work (decoder: generate's)."""
     if max_new_tokens <= 0:
         return
     if model.config["vocab_size"] <= END_OF_TEXT_ID:
         print(f"(no sample: the model's {model.config['vocab_size']} tokens are not GPT-2's vocabulary)")
         return
     print(f"Greedy continuation:\n{prompt}", end="", flush=True)
-    for piece in stream_text(model, prompt, max_new_tokens):
+    for piece in stream_text(model, prompt, max_new_tokens, decoder=decoder):
         print(piece, end="", flush=True)
     print()
 
@@ -83,7 +83,8 @@ def main():
     if args.save:
         save_checkpoint(args.save, model, "lm", source=str(source))
         print(f"Saved {args.save}; start other scripts from it with --init {args.save}")
-    print_sample(prepare_for_generation(model.to(device), args.dtype, args.compile), args.prompt, args.max_new_tokens)
+    model = prepare_for_generation(model.to(device), args.dtype)
+    print_sample(model, args.prompt, args.max_new_tokens, decoder_for(model, args.compile))
 
 
 if __name__ == "__main__":

@@ -51,10 +51,11 @@ def worker(args):
     second time once the compiled step is ready) and report the times and what the build printed."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.cache_dir)  # before anything compiles
     import app
-    from modules.speed.compiled_generation import CompiledDecoding, cached_files, compiled_decoding_if_any
+    from modules.speed import compiled_generation
 
     printed = []
-    CompiledDecoding.report = staticmethod(printed.append)
+    compiled_generation.report = printed.append  # what the build prints, kept for the table
+    cached_files = compiled_generation.cached_files
     device = setup(args)
     files_before = len(cached_files())
     loaded = app.load_model(args.checkpoint, device, args.dtype, compiled=True)
@@ -62,15 +63,15 @@ def worker(args):
     # Greedy, and past <|endoftext|> (random weights may produce it): every answer as long.
     settings = {**app.GENERATION_DEFAULTS["lm"], "temperature": 0.0, "stop_at_end_of_text": False}
     new_tokens = settings["max_new_tokens"]
-    first_token, eager_speed = timed_answer(app.stream_answer(loaded.model, PROMPT, settings), args.launched_at,
-                                            new_tokens)
-    decoding = compiled_decoding_if_any(loaded.model)
+    first_token, eager_speed = timed_answer(app.stream_answer(loaded.model, PROMPT, settings, loaded.decoder),
+                                            args.launched_at, new_tokens)
+    decoding = loaded.decoder
     tokens = len(app.prompt_ids(PROMPT, device)[0]) + new_tokens
     while not decoding.ready_or_build_in_background(1, tokens) and not decoding.failed:  # as later requests ask
         time.sleep(0.05)
     ready_at = time.time()
-    compiled_first_token, compiled_speed = timed_answer(app.stream_answer(loaded.model, PROMPT, settings), ready_at,
-                                                        new_tokens)
+    compiled_answer = app.stream_answer(loaded.model, PROMPT, settings, loaded.decoder)
+    compiled_first_token, compiled_speed = timed_answer(compiled_answer, ready_at, new_tokens)
     report_from_worker({
         "loaded": loaded_at - args.launched_at, "first_token": first_token, "eager_speed": eager_speed,
         "compiled_ready": ready_at - args.launched_at, "compiled_first_token": compiled_first_token,

@@ -19,7 +19,7 @@ from benchmarks.script import (
 from benchmarks.tables import Row
 from modules.errors import run_main
 from modules.generation import generate
-from modules.speed import auto_dtype, prepare_for_generation
+from modules.speed import auto_dtype, decoder_for, prepare_for_generation
 
 TARGET_SPEEDUP = 1.5  # float32, batch 1, against transformers
 TARGET_BF16_SPEEDUP = 2.0  # bfloat16 (where native), batch 1, against transformers in float32
@@ -52,8 +52,8 @@ def generator_of(side, model, dtype_name="float32", compiled=True):
     prepared as the generating scripts prepare it for --dtype `dtype_name`."""
     model.eval()
     if side == "ours":
-        prepare_for_generation(model, dtype_name, compiled)  # generate runs compiled if prepared so
-        return lambda prompt, new_tokens: generate(model, prompt, new_tokens)
+        decoder = decoder_for(prepare_for_generation(model, dtype_name), compiled)
+        return lambda prompt, new_tokens: generate(model, prompt, new_tokens, decoder=decoder)
     # Random weights may produce <|endoftext|>; like ours, the reference must not stop there.
     model.generation_config.eos_token_id = None
     return lambda prompt, new_tokens: model.generate(

@@ -4,12 +4,16 @@ Greedy (temperature 0) takes the most likely token; otherwise logits are divided
 (lower = more conservative), optionally restricted to the top_k tokens and/or the smallest set whose
 probability reaches top_p, and a token is sampled. A KV cache keeps the keys and values of the tokens
 already seen, so each step runs the model on one new position instead of the whole sequence.
+
+This file and modules/inference.py are the eager path. The fast one, a static KV cache and a compiled
+step, is chosen by passing its decoder: generate(model, ids, 100, decoder=CompiledDecoder(model))
+(modules/speed/compiled_generation.py); the loop below is the same for both.
 """
 import codecs
 
 import torch
 
-from .inference import KVCache, decode_step, next_token_logits
+from .inference import EagerDecoding
 from .tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -41,16 +45,16 @@ def pick_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=N
 
 @torch.inference_mode()
 def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                  eos_token_id=None, generator=None, attention_mask=None, use_cache=True, compiled=None):
+                  eos_token_id=None, generator=None, attention_mask=None, use_cache=True, decoder=None):
     """Yield the next token of every sequence, a (batch,) tensor per step.
 
     input_ids: (batch, tokens). Prompts longer than the context are cropped to their last tokens.
     attention_mask: (batch, tokens), False on the left padding of shorter prompts in a batch.
     eos_token_id: a sequence that produced it keeps producing it; the stream stops when all have.
     generator: a torch.Generator for reproducible sampling.
-    compiled: a static KV cache and the decoding step compiled once per shape (modules/speed/compiled_generation.py);
-        the first call with a new batch size or cache length compiles, or finds the result on disk. None
-        (the default): as the model was prepared (prepare_for_generation(..., compiled=True) or not).
+    use_cache: False runs the whole window at every step (the reference the KV cache is tested against).
+    decoder: None for the eager path (EagerDecoding: a growing KV cache); a CompiledDecoder of this model
+        (modules/speed/compiled_generation.py) for the static cache and the compiled step.
     """
     if temperature < 0:
         raise ValueError("temperature must be >= 0 (0 is greedy)")
@@ -59,14 +63,10 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
     if attention_mask is not None:
         attention_mask = attention_mask[:, -context_size:].bool()
     batch = tokens.shape[0]
-    kv_cache, step = None, decode_step
-    from .speed.compiled_generation import compiled_decoding, compiled_decoding_if_any
-
-    decoding = compiled_decoding_if_any(model) if compiled is None else compiled_decoding(model) if compiled else None
-    if decoding is not None and not decoding.failed:  # where compiling failed, the growing cache is faster
-        kv_cache, step = decoding.cache_for(batch, tokens.shape[1] + max_new_tokens), decoding.step
-    elif use_cache:
-        kv_cache = KVCache.for_model(model, batch)
+    if decoder is None:
+        decoding = EagerDecoding(model, batch, use_cache)
+    else:
+        decoding = decoder.start(model, batch, tokens.shape[1] + max_new_tokens)
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     for _ in range(max_new_tokens):
         if tokens.shape[1] > context_size:
@@ -74,9 +74,8 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
             # window is recomputed. Only generation past the context length pays this.
             tokens = tokens[:, -context_size:]
             attention_mask = None if attention_mask is None else attention_mask[:, -context_size:]
-            if kv_cache is not None:
-                kv_cache.clear()
-        logits = next_token_logits(model, tokens, attention_mask, kv_cache, step)
+            decoding.clear()
+        logits = decoding.next_token_logits(tokens, attention_mask)
         next_token = pick_next_token(logits, temperature, top_k, top_p, generator)
         if eos_token_id is not None:
             next_token = next_token.masked_fill(finished, eos_token_id)
@@ -90,14 +89,14 @@ def stream_tokens(model, input_ids, max_new_tokens, temperature=0.0, top_k=None,
 
 
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
-             generator=None, attention_mask=None, use_cache=True, compiled=None):
+             generator=None, attention_mask=None, use_cache=True, decoder=None):
     """The input ids followed by up to `max_new_tokens` new ones, (batch, tokens + new).
 
     Generation ends early when every sequence has produced `eos_token_id` (which is kept). Arguments as
     stream_tokens's.
     """
     new_tokens = list(stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                                    eos_token_id, generator, attention_mask, use_cache, compiled))
+                                    eos_token_id, generator, attention_mask, use_cache, decoder))
     if not new_tokens:
         return input_ids
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
@@ -109,10 +108,11 @@ def prompt_ids(prompt, device):
 
 
 def stream_text(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-                stop_at_end_of_text=True, compiled=None):
+                stop_at_end_of_text=True, decoder=None):
     """Yield the continuation of `prompt` as text pieces as soon as they are generated (for the app).
 
     prompt: the text, or its prompt_ids when the caller needed them first (the app counts them).
+    decoder: as stream_tokens's (None: the eager path).
     A character can span several tokens (emoji, accented letters), so bytes are decoded incrementally
     and a piece is yielded only once it holds whole characters.
     """
@@ -122,16 +122,16 @@ def stream_text(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     eos = END_OF_TEXT_ID if stop_at_end_of_text else None
     for token in stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, generator,
-                               compiled=compiled):
+                               decoder=decoder):
         token_id = token.item()
         if token_id == eos:
             break
-        piece = decoder.decode(tokenizer.decode_single_token_bytes(token_id))
+        piece = utf8.decode(tokenizer.decode_single_token_bytes(token_id))
         if piece:
             yield piece
-    tail = decoder.decode(b"", final=True)
+    tail = utf8.decode(b"", final=True)
     if tail:
         yield tail

@@ -66,8 +66,9 @@ def free_port():
 
 
 @contextlib.contextmanager
-def served_app(folder, log_path, started=None):
-    """`streamlit run app.py` on a free port over the checkpoints in `folder`; yields its URL, stops it after.
+def served_app(folder, log_path, started=None, flags=EXACT):
+    """`streamlit run app.py -- FLAGS` on a free port over the checkpoints in `folder`; yields its URL, stops
+    it after.
     The server's Popen is appended to the list `started`, if given, for a test that watches the process.
 
     It runs in the folder above `folder`, so that the page names the checkpoints as a user's app would
@@ -78,7 +79,7 @@ def served_app(folder, log_path, started=None):
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
              "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-             "--", "--checkpoints-dir", folder.name, *EXACT],
+             "--", "--checkpoints-dir", folder.name, *flags],
             cwd=folder.parent, stdout=log, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"

@@ -207,10 +207,10 @@ def test_an_answer_encodes_its_prompt_once(tmp_path, monkeypatch):
 
 
 def test_the_step_is_compiled_in_the_background_once_per_model(tmp_path, monkeypatch):
-    from modules.speed.compiled_generation import CompiledDecoding
+    from modules.speed import CompiledDecoder
 
     builds = []
-    monkeypatch.setattr(CompiledDecoding, "compile_in_background", lambda self, *shape: builds.append(shape))
+    monkeypatch.setattr(CompiledDecoder, "compile_in_background", lambda self, *shape: builds.append(shape))
     save_lm(tmp_path / "lm.pt")
     at = start_app(tmp_path, monkeypatch, flags=("--dtype", "float32"))  # compiled: the default
     at.run()  # a rerun (any click) must not start another

@@ -5,7 +5,8 @@ Each session speaks Streamlit's own websocket protocol, as the browser's page do
 for with the widgets' values; the page's elements come back as they are drawn), which costs a fraction of
 20 Chromium pages. Every session must get its own text and no error; the server must hold one copy of the
 model (its peak memory with 20 sessions against its peak with one); the time to the first token at the
-50th and 95th percentile is printed (benchmarks/README.md, "A classroom on one app")."""
+50th and 95th percentile is printed (benchmarks/README.md, "A classroom on one app"). The app's default,
+the step compiled in the background, meets the class twice: while it is being built, and once built."""
 import asyncio
 import statistics
 import sys
@@ -20,7 +21,7 @@ from app import GENERATION_DEFAULTS, INSIDE_THE_MODEL, plain_text_as_markdown
 from modules.errors import UserError
 from modules.generation import stream_text
 from modules.model_shelf import ModelShelf
-from tests.app_helpers import app_model, save_lm, served_app, start_app
+from tests.app_helpers import EXACT, app_model, save_lm, served_app, start_app
 
 websockets = pytest.importorskip("websockets")
 from streamlit.proto.BackMsg_pb2 import BackMsg  # noqa: E402
@@ -95,6 +96,10 @@ def errors_in(drawn):
             if kind == "exception" or (kind == "alert" and element.format == Alert.ERROR)]
 
 
+def captions(drawn):
+    return [element.body for _, kind, element in drawn if kind == "markdown" and element.body.startswith("Answered by")]
+
+
 def generated(drawn):
     """(seconds to the first generated token, the whole text shown) of a Generate run."""
     shown = [(seconds, element.body) for seconds, kind, element in drawn
@@ -106,18 +111,19 @@ def generated(drawn):
 
 async def learner(url, seed, opens_inside, everyone_ready):
     """A session: open the page, wait for the class, generate with `seed`, perhaps look inside the model.
-    Returns (seconds to the first token, text shown, the errors any run showed)."""
+    Returns (seconds to the first token, text shown, the errors any run showed, which step answered)."""
     async with Session(url) as session:
         errors = errors_in(await session.run())
         await everyone_ready()
         settings = {"Prompt": PROMPT, "Seed": seed, "Max new tokens": [NEW_TOKENS]}
         first_token, text = generated(drawn := await session.run(**settings, Generate=True))
         errors += errors_in(drawn)
+        answered_by = captions(drawn)
         if opens_inside:
             drawn = await session.run(**settings, tabs=INSIDE_THE_MODEL)
             errors += errors_in(drawn)
             assert any(kind == "heading" and element.body.startswith("1. The tokens") for _, kind, element in drawn)
-        return first_token, text, errors
+        return first_token, text, errors, answered_by
 
 
 async def classroom(url, seeds):
@@ -147,21 +153,17 @@ def test_twenty_sessions_at_once_each_get_their_text_from_one_copy_of_the_model(
     save_lm(folder / "pretrained.pt")
     model = app_model(folder / "pretrained.pt")
     model_mib = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()) / 2**20
-    settings = {**GENERATION_DEFAULTS["lm"], "max_new_tokens": NEW_TOKENS}
-    expected = {seed: plain_text_as_markdown(PROMPT + "".join(stream_text(model, PROMPT, **settings, seed=seed)))
-                for seed in range(SESSIONS + 1)}
+    expected = expected_texts(model)
     server = []
     with served_app(folder, tmp_path / "streamlit.log", started=server) as url:
         # One session first: it loads the model, as the first learner's would.
-        (alone, text, errors), = asyncio.run(classroom(url, [SESSIONS]))
+        (alone, text, errors, _), = asyncio.run(classroom(url, [SESSIONS]))
         assert not errors and text == expected[SESSIONS]
         one_session_mib = peak_memory_mib(server[0].pid)
         results = asyncio.run(classroom(url, list(range(SESSIONS))))
         class_mib = peak_memory_mib(server[0].pid)
-    for seed, (_, text, errors) in enumerate(results):
-        assert not errors, f"session {seed} showed: {errors}"
-        assert text == expected[seed], f"session {seed} got another text"
-    first_tokens = sorted(first_token for first_token, _, _ in results)
+    assert_each_got_its_text(results, expected)
+    first_tokens = sorted(first_token for first_token, *_ in results)
     twentieths = statistics.quantiles(first_tokens, n=20, method="inclusive")
     p50, p95 = twentieths[9], twentieths[18]
     print(f"\n{SESSIONS} sessions at once ({SESSIONS // OPENS_INSIDE} also inside the model), {NEW_TOKENS} new tokens "
@@ -171,6 +173,39 @@ def test_twenty_sessions_at_once_each_get_their_text_from_one_copy_of_the_model(
     # A copy of the model per session would add 19 of them; what each session holds besides (its generation's
     # buffers, its thread's allocator, Streamlit's state) is a few MiB.
     assert class_mib - one_session_mib < (SESSIONS - 1) * model_mib / 4
+
+
+def expected_texts(model):
+    """{seed: the text a session shows} as the eager path generates it in float32."""
+    settings = {**GENERATION_DEFAULTS["lm"], "max_new_tokens": NEW_TOKENS}
+    return {seed: plain_text_as_markdown(PROMPT + "".join(stream_text(model, PROMPT, **settings, seed=seed)))
+            for seed in range(SESSIONS + 1)}
+
+
+def assert_each_got_its_text(results, expected):
+    for seed, (_, text, errors, _) in enumerate(results):
+        assert not errors, f"session {seed} showed: {errors}"
+        assert text == expected[seed], f"session {seed} got another text"
+
+
+def test_twenty_sessions_at_once_while_the_step_compiles_and_once_it_is_built(tmp_path):
+    # The app's default, with float32 to compare the texts with the eager path's: the class generates while
+    # the first session's background build runs (the eager step answers; the build's first call checks every
+    # guard meanwhile), then, once a session is answered by the compiled step, all twenty on it at once.
+    folder = tmp_path / "checkpoints"
+    save_lm(folder / "pretrained.pt")
+    expected = expected_texts(app_model(folder / "pretrained.pt"))
+    flags = [flag for flag in EXACT if flag != "--no-compile"]
+    with served_app(folder, tmp_path / "streamlit.log", flags=flags) as url:
+        while_building = asyncio.run(classroom(url, list(range(SESSIONS))))
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while "Answered by the compiled decoding step." not in asyncio.run(classroom(url, [SESSIONS]))[0][3]:
+            assert time.monotonic() < deadline, "the compiled step was not built in time"
+            time.sleep(1)
+        built = asyncio.run(classroom(url, list(range(SESSIONS))))
+    assert_each_got_its_text(while_building, expected)
+    assert_each_got_its_text(built, expected)
+    assert all(answered_by == ["Answered by the compiled decoding step."] for *_, answered_by in built)
 
 
 # ----------------------------------------------------------------------------- when the app runs out

@@ -6,10 +6,11 @@ import torch
 
 from modules import GPTModel, GPT_CONFIGS, generation
 from modules.generation import generate, stream_text, stream_tokens
-from modules.inference import KVCache, StaticKVCache, cache_slots, decode_step, next_token_logits
-from modules.speed import compiled_decoding, prepare_for_generation
-from modules.speed import compiled_generation
-from modules.speed.compiled_generation import DecodingProducts
+from modules.errors import UserError
+from modules.inference import EagerDecoding
+from modules.lora import LORA_TARGETS, LoRALinear
+from modules.speed import CompiledDecoder, prepare_for_generation
+from modules.speed.compiled_generation import DecodingProducts, cache_slots, program_of
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 
@@ -104,24 +105,25 @@ def padded_batch():
     return batch, mask
 
 
-def assert_static_cache_follows_the_growing_one(model, tokens, mask=None, step=decode_step, tolerance=None):
-    """12 greedy steps from `tokens`: the logits with a StaticKVCache, its later tokens through `step`, are
-    those with a growing KVCache (within `tolerance`; None: assert_close's default for the dtype)."""
+def assert_the_fast_path_follows_the_eager_one(model, decoder, tokens, mask=None, tolerance=None):
+    """12 greedy steps from `tokens`: the logits of `decoder`'s StaticDecoding are those of the eager path's
+    growing cache (within `tolerance`; None: assert_close's default for the dtype)."""
     batch = tokens.shape[0]
-    growing_cache = KVCache.for_model(model, batch)
-    static_cache = StaticKVCache.for_model(model, batch, tokens.shape[1] + 12)
+    eager, fast = EagerDecoding(model, batch), decoder.start(model, batch, tokens.shape[1] + 12)
     with torch.inference_mode():
         for _ in range(12):
-            growing = next_token_logits(model, tokens, mask, growing_cache)
-            static = next_token_logits(model, tokens, mask, static_cache, step)
-            torch.testing.assert_close(static, growing, rtol=tolerance, atol=tolerance)
-            tokens = torch.cat([tokens, growing.argmax(-1, keepdim=True)], dim=1)
+            expected = eager.next_token_logits(tokens, mask)
+            torch.testing.assert_close(fast.next_token_logits(tokens, mask), expected, rtol=tolerance, atol=tolerance)
+            tokens = torch.cat([tokens, expected.argmax(-1, keepdim=True)], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
 
 
 def test_the_static_cache_gives_the_growing_caches_logits(model):
-    assert_static_cache_follows_the_growing_one(model, *padded_batch())
+    decoder = CompiledDecoder(model)
+    decoder.failed = "as where compiling is impossible"  # the eager step over the static cache: nothing compiles
+    assert_the_fast_path_follows_the_eager_one(model, decoder, *padded_batch())
+    assert not decoder.ready
 
 
 def test_the_static_cache_length_comes_in_buckets():
@@ -132,10 +134,10 @@ def test_the_static_cache_length_comes_in_buckets():
 def test_compiled_greedy_equals_eager(model):
     # One shape (batch 2, the context's 32 slots), compiled once for the whole test: about 30 s on 2 cores.
     batch, mask = padded_batch()
-    compiled = generate(model, batch, 30, attention_mask=mask, compiled=True)  # past the context too
+    decoder = CompiledDecoder(model)
+    compiled = generate(model, batch, 30, attention_mask=mask, decoder=decoder)  # past the context too
     assert torch.equal(compiled, generate(model, batch, 30, attention_mask=mask))
-    assert compiled_decoding(model).is_ready(2, 32)
-    assert not compiled_decoding(model).failed
+    assert decoder.ready_slots(2, 32) == 32 and not decoder.failed
 
 
 def test_the_decoding_steps_products_are_the_linear_layers():
@@ -153,44 +155,63 @@ def test_the_decoding_steps_products_are_the_linear_layers():
         assert torch.equal(bfloat16_linear(bfloat16_rows), expected_bfloat16)
 
 
-def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(model):
-    # Batch 1 is where the compiled step writes each product out (DecodingProducts): float32 and an
-    # int8 copy of the same model compile graphs of their own in one process (the module types differ).
-    # int8 computes in bfloat16 where the CPU has it: bfloat16's tolerance. float32 runs again last: its
-    # built step skips every guard but those that tell it from int8's (CompiledDecoding.step).
-    prompt = torch.randint(0, 50257, (1, 9))
-    int8 = prepare_for_generation(copy.deepcopy(model), "int8")
-    for prepared in (model, int8, model):
-        tolerance = 1e-4 if prepared.token_embedding.weight.dtype == torch.float32 else 3e-2
-        assert_static_cache_follows_the_growing_one(prepared, prompt, step=compiled_decoding(prepared).step,
-                                                    tolerance=tolerance)
-        assert compiled_decoding(prepared).is_ready(1, 21) and not compiled_decoding(prepared).failed
+def tolerance_of(model):
+    """float32 follows the eager logits closely; bfloat16 (also int8's activations where native) loosely."""
+    return 1e-4 if model.token_embedding.weight.dtype == torch.float32 else 3e-2
+
+
+def test_a_compiled_decoder_whose_model_changes_builds_again_and_follows_the_eager_path():
+    # Batch 1, where the compiled step writes each product out (DecodingProducts). The same decoder and model
+    # object through every change a user makes: LoRA on one block only (the other blocks as they were),
+    # another dtype, int8 layers; each gets a program of its own, never another's.
+    torch.manual_seed(1)
+    model = GPTModel({**GPT_CONFIGS["tiny"], "context_size": 32, "num_layers": 2}).eval()
+    decoder, prompt = CompiledDecoder(model), torch.randint(0, 50257, (1, 9))
+    programs = []
+
+    def lora_on_the_second_block(model):
+        for parent in model.blocks[1].modules():
+            for name, child in list(parent.named_children()):
+                if name in LORA_TARGETS and isinstance(child, torch.nn.Linear):
+                    layer = LoRALinear(child, rank=2, alpha=4.0)
+                    torch.nn.init.normal_(layer.B, std=0.02)  # a trained LoRA: B is no longer zero
+                    parent.register_module(name, layer)
+
+    # LoRA before int8: quantize_int8 turns the LoRA layers' own Linear into int8 too.
+    changes = [lambda model: model, lora_on_the_second_block, lambda model: model.to(torch.bfloat16),
+               lambda model: prepare_for_generation(model, "int8")]
+    for change in changes:
+        change(model)
+        programs.append(program_of(model))
+        assert_the_fast_path_follows_the_eager_one(model, decoder, prompt, tolerance=tolerance_of(model))
+        assert decoder.ready_slots(1, 21, programs[-1]) == 32 and not decoder.failed
+    assert len(set(programs)) == len(changes)
+
+
+def test_two_models_of_one_shape_each_get_their_own_tokens():
+    torch.manual_seed(2)
+    config = {**GPT_CONFIGS["tiny"], "context_size": 32, "num_layers": 2}
+    first, second = GPTModel(config).eval(), GPTModel(config).eval()
+    prompt = torch.randint(0, 50257, (1, 6))
+    for model in (first, second, first):
+        assert torch.equal(generate(model, prompt, 20, decoder=CompiledDecoder(model)), generate(model, prompt, 20))
+    assert not torch.equal(generate(first, prompt, 20), generate(second, prompt, 20))
+
+
+def test_a_decoder_refuses_another_model_in_one_line():
+    config = {**GPT_CONFIGS["tiny"], "num_layers": 1}
+    decoder = CompiledDecoder(GPTModel(config))
+    with pytest.raises(UserError, match="made for another model: make one for each model, CompiledDecoder"):
+        generate(GPTModel(config), torch.zeros(1, 2, dtype=torch.long), 3, decoder=decoder)
 
 
 def test_a_shorter_generation_takes_the_compiled_step_of_a_longer_one():
     # The app compiles for a 64-token prompt in the background; a 5-token prompt must not compile again.
     model = GPTModel({**GPT_CONFIGS["tiny"], "context_size": 1024, "num_layers": 1})
-    decoding = compiled_decoding(model)
-    decoding.ready.add((1, 256))  # as if built: nothing is compiled here
-    assert decoding.is_ready(1, 105) and decoding.cache_for(1, 105).filled.shape == (1, 256)
-    assert not decoding.is_ready(1, 300) and decoding.cache_for(1, 300).filled.shape == (1, 384)
-    assert not decoding.is_ready(2, 105) and decoding.cache_for(2, 105).filled.shape == (2, 128)
-
-
-def test_a_step_checks_every_guard_while_a_build_is_under_way(monkeypatch):
-    # Skipping guards is the whole process's stance: the first call of a build in the app's background
-    # thread must not meet it, or it could run the program of another shape. Nothing is compiled here.
-    model = GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 1})
-    decoding = compiled_decoding(model)
-    cache = decoding.cache_for(1, 8)
-    decoding.ready.add(tuple(cache.filled.shape))  # as if built
-    stances = []
-    monkeypatch.setattr(torch.compiler, "set_stance",
-                        lambda *args, **kwargs: stances.append(kwargs) or contextlib.nullcontext())
-    decoding.compiled = lambda *args: "compiled"
-    token, slot = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
-    assert decoding.step(model, cache, token, slot) == "compiled"
-    assert stances == [{"skip_guard_eval_unsafe": True}]
-    with compiled_generation._compiling:  # as a build in another thread holds it
-        assert decoding.step(model, cache, token, slot) == "compiled"
-    assert len(stances) == 1
+    decoder = CompiledDecoder(model)
+    decoder.ready.add((program_of(model), 1, 256))  # as if built: nothing is compiled here
+    assert decoder.ready_slots(1, 105) == 256 and decoder.start(model, 1, 105).kv_cache.filled.shape == (1, 256)
+    assert decoder.ready_slots(1, 300) is None and decoder.start(model, 1, 300).kv_cache.filled.shape == (1, 384)
+    assert decoder.ready_slots(2, 105) is None and decoder.start(model, 2, 105).kv_cache.filled.shape == (2, 128)
+    model.to(torch.bfloat16)  # another program: the one built is not ready for it
+    assert decoder.ready_slots(1, 105) is None

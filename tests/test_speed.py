@@ -96,10 +96,10 @@ GREEDY_COMMAND = """
 import torch
 from modules import GPTModel, GPT_CONFIGS
 from modules.generation import generate
-from modules.speed import prepare_for_generation
+from modules.speed import CompiledDecoder, prepare_for_generation
 torch.manual_seed(0)
-model = prepare_for_generation(GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 64}).eval(), "auto", compiled=True)
-print(generate(model, torch.randint(0, 50257, (1, 8)), 40)[0, 8:].tolist())  # compiled, as prepared
+model = prepare_for_generation(GPTModel({**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 64}).eval(), "auto")
+print(generate(model, torch.randint(0, 50257, (1, 8)), 40, decoder=CompiledDecoder(model))[0, 8:].tolist())
 """
 
 

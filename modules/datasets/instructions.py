@@ -157,13 +157,14 @@ def collate_instructions(samples, max_length, mask_prompt=False, pad_token_id=EN
 
 # ----------------------------------------------------------------------------- answering
 @torch.inference_mode()
-def generate_responses(model, entries, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None):
+def generate_responses(model, entries, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None,
+                       decoder=None):
     """The model's answer to each entry's Alpaca prompt, generated as one batch, each ending at
     <|endoftext|> (not included) or after `max_new_tokens`.
 
     Prompts of different lengths are padded on the left, so every answer starts at the same column,
-    and the attention mask keeps the padding out of attention and positions. It runs compiled where the
-    model was prepared to (generate's default)."""
+    and the attention mask keeps the padding out of attention and positions. decoder: generate's (None:
+    the eager path; evaluate_responses.py passes a CompiledDecoder unless --no-compile)."""
     tokenizer = get_tokenizer()
     prompts = [tokenizer.encode_ordinary(format_prompt(entry)) for entry in entries]
     width = max(len(prompt) for prompt in prompts)
@@ -175,7 +176,7 @@ def generate_responses(model, entries, max_new_tokens, temperature=0.0, top_k=No
     device = next(model.parameters()).device
     output = generate(model, input_ids.to(device), max_new_tokens, temperature, top_k, top_p,
                       eos_token_id=END_OF_TEXT_ID, generator=generator,
-                      attention_mask=None if attention_mask.all() else attention_mask.to(device))
+                      attention_mask=None if attention_mask.all() else attention_mask.to(device), decoder=decoder)
     responses = []
     for row in output[:, width:].tolist():
         if END_OF_TEXT_ID in row:

@@ -1,55 +1,31 @@
-"""Generation's decoding step compiled whole, as gpt-fast does it: one program per batch size and cache length.
+"""The fast path of generation, after gpt-fast: a static KV cache and the one-token step compiled whole.
 
-At batch 1 a generated token reads every weight once, and the eager step spends much of its time not in
-those reads but around them: a Python call, a dispatch and a temporary tensor for each of the ~20 small
-operations of every layer. With a StaticKVCache every step has the same shapes, so
-torch.compile(fullgraph=True, dynamic=False) turns the whole step into one graph and inductor into one
-program, the element-wise work (and attention's softmax) fused between the matrix products. On CUDA,
-mode="reduce-overhead" replays the step as one CUDA graph.
+    decoder = CompiledDecoder(model)                 # one per model; compiles on first use
+    generate(model, input_ids, 100, decoder=decoder)  # the eager path's tokens, sooner
 
-On the CPU three things make the compiled step fast; without them it was slower than the eager step
-(measured on a 2-core AMD EPYC with AVX512-BF16, GPT-2 124M, batch 1, 64+256 tokens):
+At batch 1 a generated token reads every weight once, and the eager step spends much of its time around
+those reads: a Python call, a dispatch and a temporary tensor for each of the ~20 small operations of a
+layer. A StaticKVCache gives every step the same shapes, so torch.compile(fullgraph=True, dynamic=False)
+turns the step into one graph and inductor into one program, the element-wise work fused between the
+matrix products (on CUDA, mode="reduce-overhead" replays it as one CUDA graph). On the CPU three choices
+make that program fast (cpu_decode_step, CPU_OPTIONS):
 
-- A single row's product with a weight matrix is written out as what it is, y_n = sum_k x_k W_nk
-  (DecodingProducts), so that inductor makes one loop streaming the matrix through both cores.
-  F.linear would call the BLAS matrix product instead, which for one row ran on one core. An int8
-  matrix's product is written out by Int8Linear itself, its conversion to float inside the loop.
-- Attention is compiled written out (softmax(Q K^T) V, PyTorch's "math" backend): the fused kernel is made
-  for many queries, and for one query over 512 cached bfloat16 keys and values it took 4.9 ms a token for
-  12 layers, inductor's loops 0.65.
-- Inductor computes an element-wise result that feeds a reduction into a buffer of its own
-  (realize_acc_reads_threshold 1). By default it recomputes it inside the reduction: layer norm's output
-  once for every one of the 2,304 outputs of the product that follows, which halved the speed.
+- one row's product with a weight matrix is written out, y_n = sum_k x_k W_nk (DecodingProducts): one
+  loop that streams the matrix through every core, where F.linear's BLAS call ran one row on one core;
+- attention is written out (the "math" backend): the fused kernel is made for many queries, not one;
+- realize_acc_reads_threshold=1: layer norm's output goes to a buffer once, not recomputed for each of the
+  2,304 outputs of the product that reads it (which halved the speed).
 
-With these the compiled step ran at 1.6x the eager one in float32 (62 against 38 tokens/s) and 2x in
-bfloat16 (118 against 60), 125-130 tokens/s with int8 weights. At batch 2 and more the rows of a product
-share each weight they read, and a BLAS matrix product stays: bfloat16's as F.linear calls it, float32's
-as W x^T, which MKL ran faster (DecodingProducts; batch 8, 64+256 tokens, against the eager step of before
-December 2026, whose oneDNN kernels are gone: 0.84x and 0.90x as F.linear, 0.94x and 0.97x as W x^T).
-
-Dynamo checks before each call that nothing it compiled against has changed ("guards"). On the model's
-modules these checks took 0.66 ms of a 7 ms token. GPT-2's blocks are alike, so only the first block's
-are kept (first_block_guards), and once the step of a shape is built under them, its later calls check
-only the guards that tell apart the programs compiled so far (torch.compiler.set_stance's
-skip_guard_eval_unsafe: nothing but the shape changes between calls of one CompiledDecoding, and a new
-shape is built under every guard first). Inductor's own check of the sizes and strides of each of the
-~225 inputs at every call goes too ("size_asserts"): the guards checked them when the shape was built.
-Together with the 384-slot bucket (instead of 512 for 64+256 tokens) these made the int8 step 1.07x to
-1.09x as fast (2-core AMD EPYC, in one process, alternating).
-
-Compiling GPT-2 124M took 20 to 30 s on 2 cores; inductor keeps what it built in COMPILE_CACHE
-(git-ignored), keyed by the graph, the torch version and the CPU's instructions, so a second process with
-the same model shape and dtype compiles nothing and runs the program of the first (loaded in 3 to 6 s):
-nothing is chosen by timing, so the same command gives the same tokens in every later process, however
-busy the machine (the prompt's eager forward pass runs PyTorch's own kernels too).
-Where compiling is impossible (no C++ compiler, say), the eager step runs instead, with one printed line.
+Dynamo checks every guard before each call, so a model that changed since a program was built (its dtype,
+int8 or LoRA layers, another model of the same shape) runs a program of its own, never another's; the
+guards cost GUARD_COST of a token (benchmarks/README.md, "Guards"). Compiling GPT-2 124M takes 20 to 30 s
+on 2 cores; inductor keeps the program in COMPILE_CACHE, where a later process finds it (3 to 6 s). Where
+compiling fails (no C++ compiler, say), the eager step runs over the same cache, with one printed line.
 """
 import os
-import re
 import sys
 import threading
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -57,157 +33,216 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from ..inference import StaticKVCache, cache_slots, decode_step
+from ..errors import UserError
+from ..inference import activation_device_and_dtype, attention_mask_for, token_positions
 
 COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch-compile"
-_decodings = weakref.WeakKeyDictionary()  # model -> its CompiledDecoding
+SLOT_BUCKETS = (128, 256, 384, 512, 768, 1024)
+CPU_OPTIONS = {"realize_acc_reads_threshold": 1}
 
 
-_decodings_lock = threading.Lock()  # two sessions of the app asking at once share one
-# Dynamo's stance is the process's, not a thread's: while a step skips guards (CompiledDecoding.step), the
-# first call of a build in another thread (the app's background one) would skip them too, and could run the
-# program of another shape. A build holds this lock; a step skips guards only when it gets it at once.
-_compiling = threading.Lock()
+class CompiledDecoder:
+    """The compiled decoding step of one model, one program per (model program, batch size, cache slots).
 
-
-def compiled_decoding(model):
-    """The CompiledDecoding of `model`, made on first use: what it compiled is kept while the model lives."""
-    with _decodings_lock:
-        if model not in _decodings:
-            _decodings[model] = CompiledDecoding(model)
-        return _decodings[model]
-
-
-def compiled_decoding_if_any(model):
-    """The CompiledDecoding of `model` if something made one (the app with --compile), else None."""
-    return _decodings.get(model)
-
-
-class CompiledDecoding:
-    """decode_step compiled for one model; `step` is its drop-in replacement.
-
-    A shape (batch size, cache slots) met for the first time is compiled right there, unless a background
-    thread (compile_in_background, for the app) is building it: then the eager step answers meanwhile."""
+    generate(..., decoder=this) calls start() once per generation. A shape met for the first time is
+    compiled right there, unless a background build (compile_in_background, the app's) is making it: then
+    the eager step answers meanwhile, over the same static cache."""
 
     def __init__(self, model):
-        # A weak reference: _decodings is keyed weakly by the model, so a strong one would keep an evicted
-        # model (the app's shelf) and its programs alive for the life of the process.
-        self._model = weakref.ref(model)
-        device = model.token_embedding.weight.device
-        if device.type == "cuda":
+        self.model = model
+        if model.token_embedding.weight.device.type == "cuda":
             self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
-            self.compiled = torch.compile(cpu_decode_step, fullgraph=True, dynamic=False, options={
-                "realize_acc_reads_threshold": 1,
-                "guard_filter_fn": first_block_guards,
-                "size_asserts": False})
-        self.ready, self.building, self.failed = set(), set(), None
-        self.lock = threading.Lock()
+            self.compiled = torch.compile(cpu_decode_step, fullgraph=True, dynamic=False, options=CPU_OPTIONS)
+        self.ready, self.building, self.failed = set(), set(), None  # of (program, batch size, slots)
+        self.lock = threading.Lock()  # one build at a time
 
-    @property
-    def model(self):
-        return self._model()
+    def start(self, model, batch_size, tokens):
+        """A StaticDecoding for one generation of `batch_size` sequences of up to `tokens` positions."""
+        if model is not self.model:
+            raise UserError("this CompiledDecoder was made for another model: make one for each model, "
+                            "CompiledDecoder(model)")
+        program = program_of(model)
+        slots = self.ready_slots(batch_size, tokens, program) or cache_slots(tokens, model.config["context_size"])
+        return StaticDecoding(self, StaticKVCache(model, batch_size, slots), program)
 
-    @staticmethod
-    def report(line):
-        print(line, file=sys.stderr, flush=True)
-
-    def step(self, model, kv_cache, token, slot):
+    def step(self, kv_cache, token, slot, program):
         """decode_step(model, kv_cache, token, slot), compiled where it can be."""
-        shape = kv_cache.filled.shape
-        if shape not in self.ready:
-            if self.failed or self.building or not self.build(kv_cache, token, slot):
-                return decode_step(model, kv_cache, token, slot)
-        if not _compiling.acquire(blocking=False):  # a build is under way: every guard is checked meanwhile
-            return self.compiled(model, kv_cache, token, slot)
-        try:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):  # built: see the module's doc
-                return self.compiled(model, kv_cache, token, slot)
-        finally:
-            _compiling.release()
+        key = (program, *kv_cache.filled.shape)
+        if key not in self.ready:
+            if self.failed or key in self.building or not self.build(kv_cache, token, slot, key):
+                return decode_step(self.model, kv_cache, token, slot)
+        return self.compiled(self.model, kv_cache, token, slot)
 
-    def ready_slots(self, batch_size, tokens):
+    def ready_slots(self, batch_size, tokens, program=None):
         """The fewest cache slots, at least those `tokens` positions need, for which the step of `batch_size`
-        sequences is compiled, or None. A prompt shorter than the one compiled for uses its program: attending
-        over more empty slots costs less than compiling again."""
+        sequences of the model as it is now is compiled, or None. A prompt shorter than the one compiled
+        for uses its program: attending over more empty slots costs less than compiling again."""
+        program = program or program_of(self.model)
         needed = cache_slots(tokens, self.model.config["context_size"])
-        return min((slots for batch, slots in self.ready if batch == batch_size and slots >= needed), default=None)
-
-    def is_ready(self, batch_size, tokens):
-        """Whether a step for `batch_size` sequences of up to `tokens` positions is compiled."""
-        return self.ready_slots(batch_size, tokens) is not None
-
-    def cache_for(self, batch_size, tokens):
-        """A StaticKVCache for `batch_size` sequences of up to `tokens` positions: with as many slots as a
-        compiled step has (ready_slots), else with as many as they need (the step then compiles for it).
-        (A number of slots is its own bucket, so it asks StaticKVCache.for_model for exactly that many.)"""
-        return StaticKVCache.for_model(self.model, batch_size, self.ready_slots(batch_size, tokens) or tokens)
+        return min((slots for built, batch, slots in self.ready
+                    if built == program and batch == batch_size and slots >= needed), default=None)
 
     def ready_or_build_in_background(self, batch_size, tokens):
-        """is_ready(batch_size, tokens); when not, the build starts in the background (unless one is under
-        way or compiling failed here), for a later request to find."""
-        if self.is_ready(batch_size, tokens):
+        """Whether a step for `batch_size` sequences of up to `tokens` positions is compiled; when not, its
+        build starts in the background (unless one is under way or compiling failed here)."""
+        if self.ready_slots(batch_size, tokens) is not None:
             return True
         if not self.building and not self.failed:
             self.compile_in_background(batch_size, tokens)
         return False
 
-    def build(self, kv_cache, token, slot):
-        """Compile for the shape of these inputs, running the step once on them; whether it worked."""
-        batch, slots = shape = kv_cache.filled.shape
+    def build(self, kv_cache, token, slot, key):
+        """Compile for `key` (program, batch, slots), running the step once on these inputs; whether it worked."""
         with self.lock:
-            if shape in self.ready:
+            if key in self.ready:
                 return True
             if self.failed:
                 return False
-            self.building.add(shape)
+            self.building.add(key)
             cached_before, start = cached_files(), time.perf_counter()
             try:
-                with _compiling:
-                    self.compiled(self.model, kv_cache, token, slot)
+                self.compiled(self.model, kv_cache, token, slot)
             except Exception as error:  # torch.compile raises many kinds of errors where it cannot run here
                 self.failed = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-                self.report(f"The decoding step could not be compiled here ({self.failed[:200]}): generating "
-                            "with the eager step.")
+                report(f"The decoding step could not be compiled here ({self.failed[:200]}): generating with the "
+                       "eager step.")
                 return False
             finally:
-                self.building.discard(shape)
-            self.ready.add(shape)
+                self.building.discard(key)
+            self.ready.add(key)
             seconds, compiled = time.perf_counter() - start, cached_files() - cached_before
         from . import generation_dtype
 
-        what = f"the decoding step for batch {batch}, {slots} cache slots, {generation_dtype(self.model)}"
-        self.report(f"Compiled {what} in {seconds:.1f} s (kept in {cache_folder()})." if compiled else
-                    f"Loaded {what} from the on-disk cache ({cache_folder()}) in {seconds:.1f} s.")
+        what = f"the decoding step for batch {key[1]}, {key[2]} cache slots, {generation_dtype(self.model)}"
+        report(f"Compiled {what} in {seconds:.1f} s (kept in {cache_folder()})." if compiled else
+               f"Loaded {what} from the on-disk cache ({cache_folder()}) in {seconds:.1f} s.")
         return True
 
     def compile_in_background(self, batch_size, tokens):
         """Build the step for `batch_size` sequences of up to `tokens` positions in a daemon thread (the app
         serves with the eager step meanwhile)."""
-        shape = (batch_size, cache_slots(tokens, self.model.config["context_size"]))
+        program = program_of(self.model)
+        key = (program, batch_size, cache_slots(tokens, self.model.config["context_size"]))
 
         def build():
             try:
                 with torch.inference_mode():
-                    cache = StaticKVCache.for_model(self.model, batch_size, tokens)
+                    cache = StaticKVCache(self.model, batch_size, key[2])
                     token = torch.zeros(batch_size, 1, dtype=torch.long, device=cache.filled.device)
-                    self.build(cache, token, torch.zeros(1, dtype=torch.long, device=cache.filled.device))
+                    self.build(cache, token, torch.zeros(1, dtype=torch.long, device=cache.filled.device), key)
             finally:  # also when the cache could not be made: a later request may try again
-                self.building.discard(shape)
+                self.building.discard(key)
 
-        self.building.add(shape)
+        self.building.add(key)
         threading.Thread(target=build, daemon=True, name="compile-decoding-step").start()
 
 
-LATER_BLOCK = re.compile(r"_modules\['blocks'\]\._modules\['[1-9]")  # a guard's source in block 1, 2, ...
+def program_of(model):
+    """What a compiled step depends on besides the cache's shape: every module's class and every weight's
+    dtype, shape and device, hashed. model.to(torch.bfloat16), quantize_int8 or apply_lora change it, so
+    the decoder builds (or finds on disk) a program for the model as it is now rather than serving the
+    eager step while believing itself ready; Dynamo's guards would catch the change at the call anyway."""
+    modules = tuple((name, type(module)) for name, module in model.named_modules())
+    tensors = tuple((name, tensor.dtype, tensor.shape, tensor.device)
+                    for name, tensor in model.state_dict(keep_vars=True).items())
+    return hash((modules, tensors))
 
 
-def first_block_guards(guards):
-    """Which of Dynamo's guards on the compiled step to keep: all but those on the modules of blocks 1, 2...
-    GPT-2's blocks are made alike (one class, one config, each prepared as the others), so the checks on
-    the first block's modules, weights and dtypes stand for every block's, and the KV cache's layer count
-    for their number."""
-    return [not LATER_BLOCK.search(guard.name) for guard in guards]
+class StaticDecoding:
+    """One generation on the fast path: its StaticKVCache; the prompt runs eagerly (its length differs
+    from one generation to the next), every later token through the decoder's compiled step."""
+
+    def __init__(self, decoder, kv_cache, program):
+        self.decoder, self.kv_cache, self.program = decoder, kv_cache, program
+
+    def next_token_logits(self, tokens, attention_mask=None):
+        """(batch, vocab) logits of the token after `tokens` (batch, tokens so far), as EagerDecoding's."""
+        kv_cache, model = self.kv_cache, self.decoder.model
+        if kv_cache.length == 0:
+            positions, mask = kv_cache.prefill_inputs(attention_mask, tokens.shape[1])
+            logits = model(tokens, positions, mask, kv_cache, last_only=True)[:, -1]
+        else:
+            if tokens.shape[1] != kv_cache.length + 1:
+                raise ValueError("a StaticKVCache takes one new token a step")
+            slot = torch.full((1,), kv_cache.length, device=tokens.device)
+            # A copy with the strides of a fresh (batch, 1) tensor: a compiled step is specialised on strides.
+            token = tokens[:, -1:].clone(memory_format=torch.contiguous_format)
+            logits = self.decoder.step(kv_cache, token, slot, self.program)
+        kv_cache.length = tokens.shape[1]
+        return logits
+
+    def clear(self):
+        self.kv_cache.clear()
+
+
+class StaticKVCache:
+    """Every layer's keys and values in a fixed number of slots, and which slots hold a real token.
+
+    Slot i holds column i of the left-padded batch. A step writes its keys and values into one slot and
+    attends over every slot, a boolean mask keeping out the slots not written yet and the padding. The
+    model's layers call update(keys, values) as with the eager KVCache; the slots the new tokens go to are
+    set before the forward pass (`write_slots`)."""
+
+    def __init__(self, model, batch_size, slots):
+        config = model.config
+        device, dtype = activation_device_and_dtype(model)
+        shape = (batch_size, config["num_heads"], slots, config["embedding_dim"] // config["num_heads"])
+        self.layers = [StaticLayerKVCache(self, shape, device, dtype) for _ in range(config["num_layers"])]
+        self.filled = torch.zeros(batch_size, slots, dtype=torch.bool, device=device)  # False: padding or empty
+        self.slot_ids = torch.arange(slots, device=device)
+        self.write_slots = self.slot_ids[:0]
+        self.length = 0  # slots written so far
+
+    def clear(self):
+        self.filled.fill_(False)
+        self.length = 0
+
+    def prefill_inputs(self, attention_mask, tokens):
+        """(positions, mask) of a prompt of `tokens` columns written into slots 0..tokens-1."""
+        self.filled[:, :tokens] = True if attention_mask is None else attention_mask
+        self.write_slots = self.slot_ids[:tokens]
+        device = self.filled.device
+        return (token_positions(self.filled[:, :tokens], 0, tokens, device),
+                attention_mask_for(self.filled, 0, tokens, device))
+
+    def step_inputs(self, slot):
+        """(positions, mask) of one new real token per sequence written into `slot`, a (1,) tensor."""
+        self.filled.index_fill_(1, slot, True)
+        self.write_slots = slot
+        positions = self.filled.sum(-1, keepdim=True) - 1  # (batch, 1): how many real tokens came before
+        mask = (self.slot_ids <= slot) & self.filled  # (batch, slots)
+        return positions, mask[:, None, None, :]
+
+
+class StaticLayerKVCache:
+    """One layer's keys and values, (batch, heads, slots, head_dim) each, zeros until written: a masked
+    slot's weight is exactly 0, and 0 times an uninitialised NaN would still be NaN."""
+
+    def __init__(self, cache, shape, device, dtype):
+        self.cache = cache
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, keys, values):
+        """Write the new tokens' keys and values into their slots; return every slot's."""
+        self.keys.index_copy_(2, self.cache.write_slots, keys)
+        self.values.index_copy_(2, self.cache.write_slots, values)
+        return self.keys, self.values
+
+
+def cache_slots(tokens, context_size):
+    """The slots of a StaticKVCache for `tokens` positions: the smallest bucket that holds them, at most the
+    context (past it, the window slides and is recomputed). Attending over empty slots costs time, so a
+    short chat gets a short cache, and a few sizes keep the programs to compile few."""
+    return min([bucket for bucket in SLOT_BUCKETS if bucket >= tokens] + [context_size])
+
+
+def decode_step(model, kv_cache, token, slot):
+    """(batch, vocab) logits after one new token per sequence, (batch, 1), written into `slot` of a
+    StaticKVCache: the same shapes at every step, the function CompiledDecoder compiles."""
+    positions, mask = kv_cache.step_inputs(slot)
+    return model(token, positions, mask, kv_cache)[:, -1]
 
 
 def cpu_decode_step(model, kv_cache, token, slot):
@@ -237,6 +272,10 @@ class DecodingProducts(TorchFunctionMode):
                 return function(*args, **kwargs)
             return y if bias is None else y + bias
         return function(*args, **kwargs)
+
+
+def report(line):
+    print(line, file=sys.stderr, flush=True)
 
 
 def use_project_compile_cache():
