@@ -13,7 +13,7 @@ from modules.errors import UserError
 
 def micro_train_args(corpus, config, out, *extra):
     return ["train.py", "--data", corpus, "--init", "scratch", "--config", config, "--out", out,
-            "--batch-size", "4", "--eval-batches", "2", "--sample-tokens", "0", *extra]
+            "--batch-size", "4", "--eval-batches", "2", "--sample-tokens", "0", "--no-compile-loss", *extra]
 
 
 def test_defaults_shortened_produce_checkpoint_plot_metrics_and_falling_loss(tmp_path):
@@ -115,7 +115,7 @@ def test_the_sample_is_drawn_with_a_fixed_seed_and_lands_in_the_metrics(tmp_path
 
 
 def test_max_time_plans_the_steps_that_fit():
-    from modules.training.plan import steps_that_fit
+    from modules.training.schedule import steps_that_fit
 
     # n steps of 0.1 s with an evaluation of 1 s every 10 steps and at the end: 45 * 0.1 + 5 * 1 = 9.5 s <= 10 s.
     assert steps_that_fit(10.0, 0.1, 1.0, eval_interval=10, step_limit=1000) == 45
@@ -123,32 +123,51 @@ def test_max_time_plans_the_steps_that_fit():
     assert steps_that_fit(1.0, 5.0, 1.0, eval_interval=10, step_limit=20) == 1  # always at least one step
 
 
+@pytest.mark.parametrize("before, after", [(2.4, 1.2), (1.2, 2.4), (0.05, 0.1)])
+def test_the_time_budget_holds_when_the_machine_gets_twice_as_fast_or_as_slow_mid_run(before, after):
+    # The loop's calls, on a clock the test moves: each step takes `before` seconds for the first 60 s and
+    # `after` from then on; an evaluation (every 200 steps and at the end) takes 6 s.
+    from modules.training.schedule import TimeBudget
+
+    now = 0.0
+    budget = TimeBudget(160, eval_interval=200, step_limit=100_000, evaluation_seconds=6.0, clock=lambda: now)
+    planned, step = budget.plan(0, before), 0
+    while step < planned:
+        now += before if now < 60 else after
+        step += 1
+        planned = budget.step_done(step, planned)
+        if step % 200 == 0 or step == planned:
+            now += 6.0
+            budget.evaluated(6.0)
+    assert 0.8 * 160 <= now <= 160 + 15, (now, step)
+
+
 def test_resume_under_max_time_keeps_the_plan_and_repeats_the_losses(tmp_path, small_corpus, micro_config, monkeypatch):
     import train
-    from modules.training import loop
     from modules.training.loop import Trainer
+    from modules.training.schedule import TimeBudget
 
     script, *args = map(str, micro_train_args(small_corpus, micro_config, tmp_path / "whole.pt", "--max-time", "60",
                                               "--eval-interval", "3", "--lr", "1e-2"))
-    # Whatever the machine's pace, 70 steps are planned.
-    monkeypatch.setattr(loop, "steps_that_fit", lambda seconds, *measured: 70)
+    # Whatever the machine's pace, 70 steps are planned, each time.
+    monkeypatch.setattr(TimeBudget, "plan", lambda self, step, step_seconds: 70)
     train.main(args)
     whole = read_checkpoint(tmp_path / "whole.last.pt")["train_state"]["progress"]
     assert whole["planned_steps"] == 70 == len(whole["step_losses"])
 
     cut = [arg.replace("whole.pt", "cut.pt") for arg in args]
     with monkeypatch.context() as patch:  # Ctrl-C after step 40
-        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.progress.step == 40)
+        patch.setattr(Trainer, "stop_requested", lambda self, stop: self.progress.step == 40)
         with pytest.raises(KeyboardInterrupt):
             train.main(cut)
-    monkeypatch.setattr(Trainer, "measured_pace", lambda self: pytest.fail("a resumed run must not plan again"))
+    monkeypatch.setattr(Trainer, "rehearsed_pace", lambda self: pytest.fail("a resumed run does not rehearse again"))
     train.main([*cut, "--resume"])
     resumed = read_checkpoint(tmp_path / "cut.last.pt")["train_state"]["progress"]
     assert [loss for *_, loss in resumed["step_losses"]] == pytest.approx([loss for *_, loss in whole["step_losses"]], abs=1e-6)
 
 
 def test_learning_rate_warms_up_then_decays_or_stays():
-    from modules.training.plan import learning_rate_factor
+    from modules.training.schedule import learning_rate_factor
 
     assert [learning_rate_factor(step, 4, 100) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert learning_rate_factor(99, 4, 100) == pytest.approx(0.1, abs=1e-3)  # cosine down to a tenth

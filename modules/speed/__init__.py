@@ -9,16 +9,25 @@ was measured, and is taken on a machine only where it is faster there:
 - int8: int8 weights with a scale per row, made at load time (--dtype int8);
 - memory: glibc keeps freed memory for reuse (the training loop, on the CPU);
 - precision: bfloat16 where the machine computes it natively (--dtype auto: training and generation);
-- compilation: torch.compile's fusion of the training loss, where measured faster, and of the whole model
-  with --compile (the training loop).
+- compilation: torch.compile of the training loss (--compile-loss) and of the whole model (--compile).
+
+Each piece is imported where it is used (`from modules.speed.precision import ...`), so training imports
+no generation code and generation no training code; the names below are loaded on first use.
 """
 import argparse
+import importlib
 
-from .compilation import compiled_model, fastest_loss
-from .compiled_generation import COMPILE_CACHE, compiled_decoding
-from .int8 import Int8Linear, quantize_int8
-from .memory import keep_freed_memory
-from .precision import auto_dtype, describe_precision, resolve_dtype
+# name -> the submodule that defines it, imported on first use (PEP 562)
+_LAZY = {"COMPILE_CACHE": "compiled_generation", "compiled_decoding": "compiled_generation",
+         "compiled_model": "compilation", "Int8Linear": "int8", "quantize_int8": "int8",
+         "keep_freed_memory": "memory", "auto_dtype": "precision", "describe_precision": "precision",
+         "resolve_dtype": "precision"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 GENERATION_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -27,6 +36,7 @@ GENERATION_DTYPES = ("auto", "float32", "bfloat16", "int8")
 def add_generation_args(parser, compile_by_default=False):
     """The --dtype and --compile/--no-compile flags of the scripts that generate (for prepare_for_generation);
     compiling is the default of those that generate long enough to gain from it (the app)."""
+    from .compiled_generation import COMPILE_CACHE
     parser.add_argument("--dtype", choices=GENERATION_DTYPES, default="auto",
                         help="precision of the weights while generating: auto is bfloat16 where the GPU or CPU "
                              "computes it natively (AMX, AVX512-BF16), else float32; int8: int8 matrices with a "
@@ -45,6 +55,10 @@ def prepare_for_generation(model, dtype_name="auto", compiled=False):
     of float32's, modules/speed/int8.py, computing in what auto stands for) and, `compiled`, its compiled
     decoding step (made on first use; generate then uses it unless told otherwise).
     Changes `model` in place and returns it."""
+    from .compiled_generation import compiled_decoding
+    from .int8 import quantize_int8
+    from .precision import resolve_dtype
+
     device = model.token_embedding.weight.device
     if dtype_name == "int8":
         quantize_int8(model).to(resolve_dtype("auto", device))
@@ -57,11 +71,10 @@ def prepare_for_generation(model, dtype_name="auto", compiled=False):
 
 def generation_dtype(model):
     """The --dtype a prepared model runs in, as a name: "int8", or its weights' dtype."""
+    from .int8 import Int8Linear
     if any(isinstance(module, Int8Linear) for module in model.modules()):
         return "int8"
     return str(model.token_embedding.weight.dtype).removeprefix("torch.")
 
 
-__all__ = ["COMPILE_CACHE", "GENERATION_DTYPES", "add_generation_args", "auto_dtype", "compiled_decoding",
-           "compiled_model", "describe_precision", "fastest_loss", "generation_dtype", "keep_freed_memory",
-           "prepare_for_generation", "quantize_int8", "resolve_dtype"]
+__all__ = ["GENERATION_DTYPES", "add_generation_args", "generation_dtype", "prepare_for_generation", *_LAZY]

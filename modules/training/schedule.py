@@ -1,4 +1,4 @@
-"""What each optimizer step trains on and at which learning rate, and how many steps a run has.
+"""The schedule of a run: what each optimizer step trains on, at which learning rate, and how many steps fit.
 
 Everything here follows from the settings and the step number alone, so resuming at step n, or running
 on another number of processes, trains on the same samples at the same learning rates.
@@ -10,10 +10,13 @@ over micro-batches.
 
 Learning rate: a linear warmup, then a cosine decay to a tenth of the peak at the last step (or constant).
 
-Steps: the flags' --max-steps or --epochs; with --max-time, the steps that fit in the time, fixed before
-the first step (the cosine schedule needs its end) and kept by --resume.
+Steps: the flags' --max-steps or --epochs; with --max-time, the steps that fit in the time left, planned
+before the first step from a rehearsal and again every few steps from the pace of the latest ones
+(TimeBudget), so that a run whose machine gets faster or slower mid-run still ends on time. The cosine
+decay ends at the planned last step, wherever that moves; the warmup is fixed by the first plan.
 """
 import math
+import time
 
 import torch
 
@@ -70,3 +73,46 @@ def steps_that_fit(seconds, step_seconds, evaluation_seconds, eval_interval, ste
     plus an evaluation every eval_interval steps and one at the end; at most `step_limit`, at least 1."""
     per_step = step_seconds + evaluation_seconds / eval_interval
     return min(step_limit, max(1, math.floor((seconds - evaluation_seconds) / per_step)))
+
+
+REPLAN_STEPS = 5  # --max-time: the steps that fit are planned again after this many steps
+
+
+class TimeBudget:
+    """--max-time: the steps that fit in `seconds` of training, evaluations included, planned again from
+    the pace measured since the last plan. `clock` is time.perf_counter, or a test's own; `slowest` takes
+    a list of floats and returns their maxima over all processes, so that every process plans the same."""
+
+    def __init__(self, seconds, eval_interval, step_limit, seconds_used=0.0, evaluation_seconds=None,
+                 clock=time.perf_counter, slowest=lambda values: values):
+        self.seconds, self.eval_interval, self.step_limit = seconds, eval_interval, step_limit
+        self.clock, self.slowest = clock, slowest
+        self.started = clock() - seconds_used
+        self.window_start, self.window_steps, self.window_evaluation_seconds = clock(), 0, 0.0
+        self.evaluation_seconds = evaluation_seconds
+
+    def seconds_used(self):
+        return self.clock() - self.started
+
+    def plan(self, step, step_seconds):
+        """The number of steps of the whole run: `step` done, and what fits in the seconds left at this pace."""
+        step_seconds, evaluation_seconds, used = self.slowest([step_seconds, self.evaluation_seconds,
+                                                              self.seconds_used()])
+        self.evaluation_seconds = evaluation_seconds
+        return step + steps_that_fit(self.seconds - used, step_seconds, evaluation_seconds, self.eval_interval,
+                                     self.step_limit - step)
+
+    def evaluated(self, seconds):
+        """An evaluation took `seconds`: the pace of the ones to come, and no part of the steps' pace."""
+        self.evaluation_seconds = seconds
+        self.window_evaluation_seconds += seconds
+
+    def step_done(self, step, planned_steps):
+        """After each step: every REPLAN_STEPS steps, the plan again at the pace of those steps."""
+        self.window_steps += 1
+        if self.window_steps < REPLAN_STEPS or step >= planned_steps:
+            return planned_steps
+        now = self.clock()
+        step_seconds = (now - self.window_start - self.window_evaluation_seconds) / self.window_steps
+        self.window_start, self.window_steps, self.window_evaluation_seconds = now, 0, 0.0
+        return self.plan(step, step_seconds)
