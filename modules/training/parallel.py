@@ -7,7 +7,7 @@ sharing the work answers the same questions:
 
     prepare(model, settings)  the model on this process's device, and the model the steps run (wrapped)
     gradient_sync(model, last) whether this micro-batch's backward pass exchanges gradients (the last one)
-    sum(tensor), max(tensor)  over all processes
+    sum(tensor), max(tensor)  over all processes (maxima: of a list of floats)
     evaluation_chunks(count)  which of an evaluation's chunks this process runs, and which of them count
     sample(model, task)       the task's sample text, on the main process
     full_model(model)         the whole model, on the main process: what the best checkpoint holds
@@ -122,6 +122,10 @@ class OneProcess:
 
     def max(self, tensor):
         return tensor
+
+    def maxima(self, values):
+        """The maxima of a list of floats over all processes, e.g. so that all plan the same steps."""
+        return self.max(torch.tensor(values, dtype=torch.float64, device=self.process.device)).tolist()
 
     def evaluation_chunks(self, count):
         """(chunk index, counted) of the chunks of an evaluation this process runs: all of them here."""

@@ -76,6 +76,22 @@ def steps_that_fit(seconds, step_seconds, evaluation_seconds, eval_interval, ste
 
 
 REPLAN_STEPS = 5  # --max-time: the steps that fit are planned again after this many steps
+REHEARSALS = 3  # --max-time's first plan: a step timed this often; the first warms up
+
+
+def rehearsed_pace(rehearse_step, sample, forward_passes, micro_batches):
+    """(seconds per step, seconds per evaluation) for --max-time's first plan: `rehearse_step()` timed
+    REHEARSALS times (the first warms up); an evaluation, its `forward_passes` at a third of a step's
+    `micro_batches` each (the backward pass costs twice the forward) and the `sample()`, timed once."""
+    timings = []
+    for _ in range(REHEARSALS):
+        started = time.perf_counter()
+        rehearse_step()
+        timings.append(time.perf_counter() - started)
+    step_seconds = sum(timings[1:]) / len(timings[1:])
+    started = time.perf_counter()
+    sample()
+    return step_seconds, forward_passes * step_seconds / micro_batches / 3 + time.perf_counter() - started
 
 
 class TimeBudget:
