@@ -150,7 +150,10 @@ def test_the_time_budget_holds_when_the_machine_gets_twice_as_fast_or_as_slow_mi
 
 
 def test_resume_under_max_time_keeps_the_plan_and_repeats_the_losses(tmp_path, small_corpus, micro_config, monkeypatch):
+    import itertools
+
     import train
+    from modules.training.interrupt import StopRequest
     from modules.training.loop import Trainer
     from modules.training.schedule import TimeBudget
 
@@ -164,7 +167,8 @@ def test_resume_under_max_time_keeps_the_plan_and_repeats_the_losses(tmp_path, s
 
     cut = [arg.replace("whole.pt", "cut.pt") for arg in args]
     with monkeypatch.context() as patch:  # Ctrl-C after step 40
-        patch.setattr(Trainer, "stop_requested", lambda self, stop: self.progress.step == 40)
+        steps = itertools.count(1)  # asked after each step
+        patch.setattr(StopRequest, "requested_anywhere", lambda self, parallel, device: next(steps) == 40)
         with pytest.raises(KeyboardInterrupt):
             train.main(cut)
     monkeypatch.setattr(Trainer, "rehearsed_pace", lambda self: pytest.fail("a resumed run does not rehearse again"))

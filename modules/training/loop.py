@@ -10,8 +10,8 @@ A run, in the order of this file:
 3. Every `eval_interval` steps and after the last: evaluation, the sample, the best model and the last state
    (--resume) saved, the reports written. With --max-time the steps that fit are planned again every few steps.
 
-A script says what it trains with a TrainingTask (task.py). Which samples and which learning rate each step
-gets follows from the step number (schedule.py), so a resumed run repeats the steps of an uninterrupted one.
+A script says what it trains with a TrainingTask (task.py). Each step's samples and learning rate follow
+from the step number (schedule.py), so a resumed run repeats the steps of an uninterrupted one.
 """
 import time
 from contextlib import nullcontext
@@ -29,15 +29,14 @@ from .interrupt import StopRequest
 from .memory_plan import RunShape, check_fits, memory_per_process
 from .optimizer import make_optimizer
 from .parallel import choose_parallelism
-from .reports import write_reports
+from .reports import describe_evaluation, write_reports
 from .resume import Progress, random_state, restore_random_state, resumed_progress
 from .schedule import (REPLAN_STEPS, BatchPlan, TimeBudget, default_warmup_steps, learning_rate_factor,
                        rehearsed_pace)
 
 
 def train(model, task, settings, process):
-    """Train `model` on `task` as `settings` (a TrainingSettings) say; returns the Trainer, whose
-    evaluate(), load_best() and write_reports() serve the script's final evaluation."""
+    """Train `model` on `task` as `settings` say; the Trainer returned serves the script's final evaluation."""
     trainer = Trainer(model, task, settings, process)
     with exclusive_output(settings.out) if process.is_main else nullcontext():
         trainer.run()
@@ -55,18 +54,21 @@ class Trainer:
         self.step_limit = settings.max_steps or settings.epochs * self.batches.steps_per_epoch
         self.eval_interval = settings.eval_interval or self.batches.steps_per_epoch
         # The memory each process will need, before the model takes any: a run that will not fit stops here.
-        self.say(check_fits(model, RunShape(self.parallel.memory_strategy, process.world_size, self.batches.micro_batch,
-                                            task.longest_batch_tokens(), resolve_dtype(settings.dtype, process.device).itemsize,
-                                            settings.activation_checkpointing, process.device.type),
-                            memory_per_process(process.device), can_lora=task.kind != "lm").describe())
+        shape = RunShape(self.parallel.memory_strategy, process.world_size, self.batches.micro_batch,
+                         task.longest_batch_tokens(), resolve_dtype(settings.dtype, process.device).itemsize,
+                         settings.activation_checkpointing, process.device.type)
+        self.say(check_fits(model, shape, memory_per_process(process.device), can_lora=task.kind != "lm").describe())
         self.model, self.training_model = self.parallel.prepare(model)
         if process.device.type == "cpu":
             keep_freed_memory()  # a fifth faster on CPU: each step reuses the last one's pages
         self.optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay, process.device)
         self.autocast, self.scaler = mixed_precision(settings.dtype, process.device)
         self.data_signature = {"global_batch": settings.batch_size, "train_samples": len(task.train_set)}
-        self.progress = self.resumed_progress() if settings.resume else Progress()
-        self.budget = None
+        self.progress, self.budget = Progress(), None
+        if settings.resume:  # the last state's weights, optimizer and random generators put in place
+            saved = self.parallel.restore_resume_state(self)
+            self.progress = resumed_progress(saved, self.parallel.resume_path(), self.step_limit)
+            self.say(f"resuming from {self.parallel.resume_path()} at step {self.progress.step}")
 
     def prepare(self):
         """The choices of the run, each on one line: precision, loss, and with --max-time the steps that fit."""
@@ -86,18 +88,13 @@ class Trainer:
                 self.say(f"steps: {self.progress.planned_steps:,} fit in --max-time {self.settings.max_time:g} s, at "
                          f"{step_seconds:.3f} s a step and {self.budget.evaluation_seconds:.1f} s an evaluation "
                          f"(planned again every {REPLAN_STEPS} steps)")
-        self.progress.warmup_steps = self.warmup_steps  # fixed from here on, wherever --max-time moves the end
+        if self.progress.warmup_steps is None:  # fixed from here on, wherever --max-time moves the end
+            given = self.settings.warmup_steps
+            self.progress.warmup_steps = given if given is not None else default_warmup_steps(self.total_steps)
 
     @property
     def total_steps(self):
         return self.progress.planned_steps or self.step_limit
-
-    @property
-    def warmup_steps(self):
-        if self.progress.warmup_steps is not None:
-            return self.progress.warmup_steps
-        given = self.settings.warmup_steps
-        return given if given is not None else default_warmup_steps(self.total_steps)
 
     def rehearsed_pace(self):
         """(seconds per step, seconds per evaluation) for --max-time's first plan (schedule.py), leaving the
@@ -106,22 +103,18 @@ class Trainer:
         samples = [samples_evaluated(dataset, self.settings.eval_batches, self.settings.batch_size)
                    for dataset in (self.task.train_set, self.task.val_set)]
         passes = sum(forward_passes(count, self.batches.micro_batch, self.parallel) for count in samples)
-        pace = rehearsed_pace(self.rehearse_step, self.sample, passes, self.batches.accumulation)
+        pace = rehearsed_pace(lambda: self.train_step(rehearsal=True), self.sample, passes, self.batches.accumulation)
         restore_random_state(random_generators, self.process.device)
         return pace
-
-    def rehearse_step(self):
-        self.train_step(rehearsal=True)
-        if self.process.device.type == "cuda":
-            torch.cuda.synchronize(self.process.device)
 
     # ---------------------------------------------------------------- one step
     def train_step(self, rehearsal=False):
         """One optimizer step over the global batch; returns (mean loss, tokens trained on by all processes).
         A `rehearsal` (--max-time's first plan) computes the gradients of the step and stops there."""
         step = self.progress.step
-        # The learning rate of this step: warmup, then the schedule's decay (schedule.py).
-        lr = self.settings.lr * learning_rate_factor(step, self.warmup_steps, self.total_steps,
+        # The learning rate of this step: warmup, then the schedule's decay (schedule.py). (The warmup is
+        # None only in --max-time's rehearsal, before the first plan, whose learning rate is never used.)
+        lr = self.settings.lr * learning_rate_factor(step, self.progress.warmup_steps or 0, self.total_steps,
                                                      self.settings.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -182,17 +175,13 @@ class Trainer:
                     progress_bar.update()
                     if self.progress.step % self.eval_interval == 0 or self.progress.step == self.total_steps:
                         self.evaluate_and_save()
-                    if self.stop_requested(stop):
+                    if stop.requested_anywhere(self.parallel, self.process.device):
                         self.save_and_stop(progress_bar)
         finally:
             # DDP's wrapper holds the process group. Freed after the script has left the group (training_run),
             # gloo's destructor waited for its threads forever: 1 run in 5 of two CPU processes hung at exit.
             self.training_model = self.model
         progress_bar.close()
-
-    def stop_requested(self, stop):
-        """Whether Ctrl-C reached any process (interrupt.py): then all stop after this step."""
-        return self.parallel.sum(torch.tensor([float(stop.requested)], device=self.process.device)).item() > 0
 
     def save_and_stop(self, progress_bar):
         """Ctrl-C (interrupt.py): the state after this step saved, and how to resume said."""
@@ -230,12 +219,8 @@ class Trainer:
             metrics = self.evaluate(dataset, self.settings.eval_batches)
             record.update({f"{split}_{name}": value for name, value in metrics.items()})
         self.progress.evaluations.append(record)
-        sample = self.sample()
-        self.progress.last_sample = sample
-        self.say(f"step {self.progress.step}/{self.total_steps} | " + " | ".join(
-            f"{key} {value:.4f}" for key, value in record.items() if key.startswith(("train_", "val_"))))
-        if sample:
-            self.say("sample:\n    " + sample.replace("\n", "\n    "))
+        sample = self.progress.last_sample = self.sample()
+        self.say(describe_evaluation(record, self.total_steps, sample))
         if record["val_loss"] < self.progress.best_val_loss:
             self.progress.best_val_loss = record["val_loss"]
             best = self.parallel.full_model(self.model)  # every process takes part; the main one writes
@@ -253,12 +238,6 @@ class Trainer:
         return {**self.task.checkpoint_metadata(), "step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                 "val_loss": self.progress.evaluations[-1]["val_loss"] if self.progress.evaluations else None,
                 "training_settings": self.settings.as_dict()}
-
-    def resumed_progress(self):
-        """--resume: the last state's weights, optimizer and random generators put in place; its Progress."""
-        progress = resumed_progress(self.parallel.restore_resume_state(self), self.parallel.resume_path(), self.step_limit)
-        self.say(f"resuming from {self.parallel.resume_path()} at step {progress.step}")
-        return progress
 
     def load_best(self):
         """The weights of the best checkpoint (lowest validation loss) in the model, for a final evaluation."""

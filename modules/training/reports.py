@@ -24,6 +24,13 @@ def plot_path(out):
     return Path(out).with_suffix(".loss.png")
 
 
+def describe_evaluation(record, total_steps, sample):
+    """"step 200/400 | train_loss 5.1 | val_loss 5.3 ...", and the sample below it, indented."""
+    shown = " | ".join(f"{key} {value:.4f}" for key, value in record.items() if key.startswith(("train_", "val_")))
+    line = f"step {record['step']}/{total_steps} | {shown}"
+    return line + ("\nsample:\n    " + sample.replace("\n", "\n    ") if sample else "")
+
+
 def final_metrics(progress):
     """The metrics file's entries: the last evaluation's metrics, then the run's record."""
     last = progress.evaluations[-1] if progress.evaluations else {}

@@ -87,6 +87,8 @@ def rehearsed_pace(rehearse_step, sample, forward_passes, micro_batches):
     for _ in range(REHEARSALS):
         started = time.perf_counter()
         rehearse_step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the GPU's work done, so that the time is the step's
         timings.append(time.perf_counter() - started)
     step_seconds = sum(timings[1:]) / len(timings[1:])
     started = time.perf_counter()
