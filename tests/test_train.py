@@ -122,15 +122,18 @@ def test_the_sample_is_drawn_with_a_fixed_seed_and_lands_in_the_metrics(tmp_path
 
 
 def test_max_time_plans_the_steps_that_fit():
-    from modules.training.schedule import steps_that_fit
+    from modules.training.schedule import TimeBudget
+
+    def first_plan(seconds, step_seconds, evaluation_seconds, step_limit):
+        return TimeBudget(seconds, 10, step_limit, evaluation_seconds=evaluation_seconds, clock=lambda: 0.0).plan(0, step_seconds)
 
     # n steps of 0.1 s with an evaluation of 1 s every 10 steps and at the end: 45 * 0.1 + 5 * 1 = 9.5 s <= 10 s.
-    assert steps_that_fit(10.0, 0.1, 1.0, eval_interval=10, step_limit=1000) == 45
-    assert steps_that_fit(10.0, 0.1, 1.0, eval_interval=10, step_limit=20) == 20  # --max-steps / --epochs still bound it
-    assert steps_that_fit(1.0, 5.0, 1.0, eval_interval=10, step_limit=20) == 1  # always at least one step
+    assert first_plan(10.0, 0.1, 1.0, step_limit=1000) == 45
+    assert first_plan(10.0, 0.1, 1.0, step_limit=20) == 20  # --max-steps / --epochs still bound it
+    assert first_plan(1.0, 5.0, 1.0, step_limit=20) == 1  # always at least one step
 
 
-@pytest.mark.parametrize("before, after", [(2.4, 1.2), (1.2, 2.4), (0.05, 0.1)])
+@pytest.mark.parametrize("before, after", [(2.4, 1.2), (1.2, 2.4), (0.05, 0.1), (20.0, 2.0)])
 def test_the_time_budget_holds_when_the_machine_gets_twice_as_fast_or_as_slow_mid_run(before, after):
     # The loop's calls, on a clock the test moves: each step takes `before` seconds for the first 60 s and
     # `after` from then on; an evaluation (every 200 steps and at the end) takes 6 s.

@@ -68,13 +68,6 @@ def default_warmup_steps(total_steps):
     return max(1, total_steps // 20)
 
 
-def steps_that_fit(seconds, step_seconds, evaluation_seconds, eval_interval, step_limit):
-    """The optimizer steps whose training and evaluations fit in `seconds`: n steps take n * step_seconds
-    plus an evaluation every eval_interval steps and one at the end; at most `step_limit`, at least 1."""
-    per_step = step_seconds + evaluation_seconds / eval_interval
-    return min(step_limit, max(1, math.floor((seconds - evaluation_seconds) / per_step)))
-
-
 REPLAN_STEPS = 5  # --max-time: the steps that fit are planned again after this many steps
 REHEARSALS = 3  # --max-time's first plan: a step timed this often; the first warms up
 
@@ -113,12 +106,15 @@ class TimeBudget:
         return self.clock() - self.started
 
     def plan(self, step, step_seconds):
-        """The number of steps of the whole run: `step` done, and what fits in the seconds left at this pace."""
+        """The number of steps of the whole run, `step` of them done: as many more as fit in the seconds left
+        at this pace, with an evaluation every eval_interval steps and one at the end; the first plan has at
+        least one step; at most step_limit."""
         step_seconds, evaluation_seconds, used = self.slowest([step_seconds, self.evaluation_seconds,
                                                               self.seconds_used()])
         self.evaluation_seconds = evaluation_seconds
-        return step + steps_that_fit(self.seconds - used, step_seconds, evaluation_seconds, self.eval_interval,
-                                     self.step_limit - step)
+        per_step = step_seconds + evaluation_seconds / self.eval_interval
+        more = math.floor((self.seconds - used - evaluation_seconds) / per_step)
+        return min(self.step_limit, step + max(more, 1 if step == 0 else 0))
 
     def evaluated(self, seconds):
         """An evaluation took `seconds`: the pace of the ones to come, and no part of the steps' pace."""
@@ -126,9 +122,10 @@ class TimeBudget:
         self.window_evaluation_seconds += seconds
 
     def step_done(self, step, planned_steps):
-        """After each step: every REPLAN_STEPS steps, the plan again at the pace of those steps."""
+        """After each step: every REPLAN_STEPS steps, and at the planned last one (more may fit: the run went
+        faster than planned), the plan again at the pace of the steps since the last plan."""
         self.window_steps += 1
-        if self.window_steps < REPLAN_STEPS or step >= planned_steps:
+        if self.window_steps < REPLAN_STEPS and step < planned_steps:
             return planned_steps
         now = self.clock()
         step_seconds = (now - self.window_start - self.window_evaluation_seconds) / self.window_steps
