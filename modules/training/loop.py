@@ -100,9 +100,8 @@ class Trainer:
         """(seconds per step, seconds per evaluation) for --max-time's first plan (schedule.py), leaving the
         weights, the optimizer and the random generators as they were."""
         random_generators = random_state(self.process.device)
-        samples = [samples_evaluated(dataset, self.settings.eval_batches, self.settings.batch_size)
-                   for dataset in (self.task.train_set, self.task.val_set)]
-        passes = sum(forward_passes(count, self.batches.micro_batch, self.parallel) for count in samples)
+        passes = sum(forward_passes(samples_evaluated(dataset, self.settings.eval_batches, self.settings.batch_size),
+                                    self.batches.micro_batch, self.parallel) for dataset in (self.task.train_set, self.task.val_set))
         pace = rehearsed_pace(lambda: self.train_step(rehearsal=True), self.sample, passes, self.batches.accumulation)
         restore_random_state(random_generators, self.process.device)
         return pace
