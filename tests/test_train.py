@@ -52,6 +52,20 @@ def test_two_processes_ddp_or_fsdp_train_and_evaluate_as_one(tmp_path, small_cor
             assert metrics[name][key] == pytest.approx(metrics["one"][key], abs=1e-4), (name, key)
 
 
+def test_a_few_steps_in_this_process_lower_the_loss_and_write_the_reports(tmp_path, small_corpus, micro_config):
+    # The quick tier's training check: the whole loop (step, evaluation, checkpoints, reports) in-process.
+    import train
+
+    out = tmp_path / "m.pt"
+    script, *args = map(str, micro_train_args(small_corpus, micro_config, out, "--max-steps", "6", "--eval-interval", "3",
+                                              "--lr", "1e-2", "--dtype", "float32"))
+    train.main(args)
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    first, last = metrics["evaluations"]
+    assert metrics["steps"] == 6 and last["val_loss"] < first["val_loss"] and out.with_suffix(".loss.png").is_file()
+    assert read_checkpoint(out)["step"] in (3, 6)
+
+
 def test_token_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, small_corpus):
     tokens = load_tokens(small_corpus)
     cache = small_corpus.with_name("corpus.txt.tokens.bin")
