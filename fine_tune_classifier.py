@@ -29,8 +29,11 @@ from modules.datasets.sms_spam import (LABEL_NAMES, QUOTINGS, SMS_SPAM_URL, as_s
                                       read_messages, split, split_paths, write_splits)
 from modules.presets import Preset, parse_with_presets
 from modules.tokenizer import encode
-from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
-                              training_run)
+from modules.training.loop import train
+from modules.training.parallel import training_run
+from modules.training.settings import add_training_args
+from modules.training.starting_model import add_init_args, parameter_summary, starting_model
+from modules.training.task import TrainingTask
 
 
 class ClassifierTask(TrainingTask):

@@ -21,8 +21,11 @@ from modules.errors import check_flag, run_main
 from modules.lora import add_lora_args, lora_from_flags
 from modules.loss import IGNORE_INDEX
 from modules.presets import Preset, parse_with_presets
-from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
-                              training_run)
+from modules.training.loop import train
+from modules.training.parallel import training_run
+from modules.training.settings import add_training_args
+from modules.training.starting_model import add_init_args, parameter_summary, starting_model
+from modules.training.task import TrainingTask
 
 
 class InstructionTask(TrainingTask):

@@ -15,8 +15,12 @@ from modules.errors import check_flag, run_main
 from modules.generation import generate
 from modules.loss import next_token_loss
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer, token_byte_lengths
-from modules.training import (TrainingTask, add_init_args, add_training_args, parameter_summary, starting_model, train,
-                              training_run)
+from modules.training.loop import train
+from modules.training.parallel import training_run
+from modules.training.reports import final_metrics
+from modules.training.settings import add_training_args
+from modules.training.starting_model import add_init_args, parameter_summary, starting_model
+from modules.training.task import TrainingTask
 
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "shakespeare"
 
@@ -98,7 +102,7 @@ def main(argv=None):
                   f"{parameter_summary(model)} on {process.device}")
         trainer = train(model, PretrainingTask(train_set, val_set, sampling), settings, process)
         if process.is_main:
-            metrics = trainer.final_metrics()
+            metrics = final_metrics(trainer.progress)
             print(f"done: validation loss {metrics['val_loss']:.3f}, {metrics['val_bpb']:.3f} bits per byte "
                   f"(training {metrics['train_loss']:.3f}, {metrics['train_bpb']:.3f}); best model {settings.out}, "
                   "plot and metrics beside it")

@@ -30,7 +30,7 @@ from modules.training.activation_checkpointing import checkpoint_activations
 from modules.training.memory_plan import GB, RunShape, check_fits, memory_per_process, plan_memory
 from modules.training.optimizer import make_optimizer
 from modules.training.settings import PARALLEL_CHOICES
-from modules.training.sharding import shard_model
+from modules.training.fsdp import shard_model
 
 TABLE_SIZES = ("124M", "355M", "774M", "1558M")
 GPU_BYTES = 24 * 2**30  # a "24 GB" GPU (RTX 3090, 4090, A10G...) holds 24 GiB

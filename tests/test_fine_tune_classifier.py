@@ -1,4 +1,5 @@
 import http.server
+import itertools
 import json
 import random
 import socket
@@ -17,8 +18,8 @@ from modules.checkpoint import load_checkpoint, open_checkpoint, read_checkpoint
 from modules.classification import classifier_from_lm, encode_for_classification
 from modules.errors import UserError
 from modules.model import GPTModel
-from modules.training import initial_model
-from modules.training.loop import Trainer
+from modules.training.starting_model import initial_model
+from modules.training.interrupt import StopRequest
 from modules.datasets.sms_spam import balance, fetch_sms_spam, read_messages, split
 
 SPAM_WORDS = "win prize cash claim free urgent reward".split()
@@ -226,7 +227,8 @@ def test_lora_checkpoints_load_as_plain_models_and_resume_exactly(tmp_path, micr
     fine_tune_classifier.main([*common, "--out", str(tmp_path / "whole.pt")])
     whole = read_checkpoint(tmp_path / "whole.last.pt")["train_state"]["progress"]["step_losses"]
     with monkeypatch.context() as patch:  # Ctrl-C after step 3, between two evaluations
-        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.progress.step == 3)
+        steps = itertools.count(1)  # asked after each step
+        patch.setattr(StopRequest, "requested_anywhere", lambda self, parallel, device: next(steps) == 3)
         with pytest.raises(KeyboardInterrupt):
             fine_tune_classifier.main([*common, "--out", str(tmp_path / "cut.pt")])
     fine_tune_classifier.main([*common, "--out", str(tmp_path / "cut.pt"), "--resume"])

@@ -16,12 +16,12 @@ from modules.checkpoint import load_checkpoint, save_checkpoint
 from modules.errors import UserError
 from modules.lora import apply_lora, merged_state_dict
 from modules.model import GPTModel
-from modules.training import sharded_state
+from modules.training import fsdp as fully_sharded
 from modules.training.activation_checkpointing import checkpoint_activations
-from modules.training.distributed import TrainingProcess
+from modules.training.parallel import TrainingProcess
 from modules.training.optimizer import make_optimizer
-from modules.training.sharded_state import load_sharded_state, read_train_state, save_sharded_state
-from modules.training.sharding import gathered_model, shard_model
+from modules.training.fsdp import load_sharded_state, read_train_state, save_sharded_state
+from modules.training.fsdp import gathered_model, shard_model
 
 CONFIG = {"vocab_size": 101, "context_size": 16, "embedding_dim": 32, "num_heads": 2, "num_layers": 3,
           "drop_rate": 0.0, "qkv_bias": True}
@@ -299,7 +299,7 @@ def test_an_interrupted_save_leaves_the_previous_state_usable(tmp_path, monkeypa
         (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sharded_state.dcp, "save", interrupted)
+    monkeypatch.setattr(fully_sharded.dcp, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_sharded_state(tmp_path, model, optimizer, train_state(2), ALONE)
     monkeypatch.undo()

@@ -11,7 +11,7 @@ from modules.checkpoint import load_checkpoint, open_checkpoint, read_checkpoint
 from modules.errors import UserError
 from modules.training import loop
 from modules.training.memory_plan import GB
-from modules.training.sharded_state import read_train_state, sharded_state_path
+from modules.training.fsdp import read_train_state, sharded_state_path
 from tests.conftest import REPO, run_script
 
 

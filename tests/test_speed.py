@@ -2,7 +2,6 @@
 import copy
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -66,31 +65,12 @@ def test_optimizer_steps_like_plain_adamw():
         assert torch.allclose(p, q, atol=1e-6)
 
 
-def test_the_loss_is_compiled_only_where_it_pays(monkeypatch):
-    from modules.loss import next_token_loss
-    from modules.speed import compilation
+def test_the_loss_is_compiled_as_the_flag_says_and_by_default_where_measured_faster():
+    from modules.speed.compilation import loss_compilation
 
-    logits, targets = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
-    # One call cannot pay back a compile.
-    assert compilation.fastest_loss(next_token_loss, logits, targets, calls=1).function is next_token_loss
-
-    monkeypatch.setattr(compilation, "COLD_COMPILE_SECONDS", 0.0)
-    def slow_loss(logits, targets):
-        time.sleep(0.2)  # far above any scheduling delay of a busy machine
-        return next_token_loss(logits, targets)
-
-    monkeypatch.setattr(compilation.torch, "compile", lambda function: next_token_loss)  # "compiled": faster
-    assert compilation.fastest_loss(slow_loss, logits, targets, calls=1).function is next_token_loss
-    monkeypatch.setattr(compilation.torch, "compile", lambda function: slow_loss)  # "compiled": no faster
-    assert compilation.fastest_loss(next_token_loss, logits, targets, calls=1).function is next_token_loss
-
-    def no_compiler(function):
-        def fails(*args):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
-        return fails
-
-    monkeypatch.setattr(compilation.torch, "compile", no_compiler)
-    assert compilation.fastest_loss(slow_loss, logits, targets, calls=1).function is slow_loss
+    assert loss_compilation(None, "cpu")[0] and not loss_compilation(None, "mps")[0]
+    assert not loss_compilation(False, "cpu")[0] and loss_compilation(True, "mps")[0]
+    assert "the default on cpu" in loss_compilation(None, "cpu")[1] and "as asked" in loss_compilation(False, "cpu")[1]
 
 GREEDY_COMMAND = """
 import torch

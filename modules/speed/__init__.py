@@ -9,16 +9,25 @@ was measured, and is taken on a machine only where it is faster there:
 - int8: int8 weights with a scale per row, made at load time (--dtype int8);
 - memory: glibc keeps freed memory for reuse (the training loop, on the CPU);
 - precision: bfloat16 where the machine computes it natively (--dtype auto: training and generation);
-- compilation: torch.compile's fusion of the training loss, where measured faster, and of the whole model
-  with --compile (the training loop).
+- compilation: torch.compile of the training loss (--compile-loss) and of the whole model (--compile).
+
+Each piece is imported where it is used (`from modules.speed.precision import ...`), so training imports
+no generation code and generation no training code; the names below are loaded on first use.
 """
 import argparse
+import importlib
 
-from .compilation import compiled_model, fastest_loss
-from .compiled_generation import COMPILE_CACHE, CompiledDecoder
-from .int8 import Int8Linear, quantize_int8
-from .memory import keep_freed_memory
-from .precision import auto_dtype, describe_precision, resolve_dtype
+# name -> the submodule that defines it, imported on first use (PEP 562)
+_LAZY = {"COMPILE_CACHE": "compiled_generation", "CompiledDecoder": "compiled_generation",
+         "compiled_model": "compilation", "Int8Linear": "int8", "quantize_int8": "int8",
+         "keep_freed_memory": "memory", "auto_dtype": "precision", "describe_precision": "precision",
+         "resolve_dtype": "precision"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 GENERATION_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -33,9 +42,9 @@ def add_generation_args(parser, compile_by_default=False):
                              "scale per row, made at load time, the rest as auto (default: %(default)s)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_by_default,
                         help="compile the decoding step over a static KV cache (half a minute for GPT-2 124M the "
-                             f"first time; later processes find it in {COMPILE_CACHE}); on a 2-core AMD EPYC it "
-                             "generated one sequence 2.7x (float32) to 2.9x (bfloat16) as fast as the eager step "
-                             "(benchmarks/README.md; default: %(default)s)")
+                             "first time; later processes find it in .cache/torch-compile/); on a 2-core AMD EPYC "
+                             "it generated one sequence 2.7x (float32) to 2.9x (bfloat16) as fast as the eager "
+                             "step (benchmarks/README.md; default: %(default)s)")
 
 
 def prepare_for_generation(model, dtype_name="auto"):
@@ -44,6 +53,9 @@ def prepare_for_generation(model, dtype_name="auto"):
     the machine computes it natively, which halves the bytes each generated token reads; int8: a quarter
     of float32's, modules/speed/int8.py, computing in what auto stands for). Changes `model` in place and
     returns it."""
+    from .int8 import quantize_int8
+    from .precision import resolve_dtype
+
     device = model.token_embedding.weight.device
     if dtype_name == "int8":
         quantize_int8(model).to(resolve_dtype("auto", device))
@@ -55,16 +67,19 @@ def prepare_for_generation(model, dtype_name="auto"):
 def decoder_for(model, compiled):
     """What --compile/--no-compile stands for, as generate's `decoder`: a CompiledDecoder of `model`, or
     None, the eager path."""
+    from .compiled_generation import CompiledDecoder
+
     return CompiledDecoder(model) if compiled else None
 
 
 def generation_dtype(model):
     """The --dtype a prepared model runs in, as a name: "int8", or its weights' dtype."""
+    from .int8 import Int8Linear
+
     if any(isinstance(module, Int8Linear) for module in model.modules()):
         return "int8"
     return str(model.token_embedding.weight.dtype).removeprefix("torch.")
 
 
-__all__ = ["COMPILE_CACHE", "CompiledDecoder", "GENERATION_DTYPES", "add_generation_args", "auto_dtype",
-           "compiled_model", "decoder_for", "describe_precision", "fastest_loss", "generation_dtype",
-           "keep_freed_memory", "prepare_for_generation", "quantize_int8", "resolve_dtype"]
+__all__ = ["GENERATION_DTYPES", "add_generation_args", "decoder_for", "generation_dtype", "prepare_for_generation",
+           *_LAZY]

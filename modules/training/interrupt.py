@@ -1,6 +1,8 @@
 """Ctrl-C during training: finish the step, save, and say how to resume."""
 import signal
 
+import torch
+
 
 class StopRequest:
     """The first Ctrl-C asks to stop after the current step, so the step completes and the saved
@@ -22,3 +24,7 @@ class StopRequest:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
+
+    def requested_anywhere(self, parallel, device):
+        """Whether Ctrl-C reached any of the processes (parallel.py): then all stop after the same step."""
+        return parallel.sum(torch.tensor([float(self.requested)], device=device)).item() > 0

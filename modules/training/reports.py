@@ -24,6 +24,29 @@ def plot_path(out):
     return Path(out).with_suffix(".loss.png")
 
 
+def describe_evaluation(record, total_steps, sample):
+    """"step 200/400 | train_loss 5.1 | val_loss 5.3 ...", and the sample below it, indented."""
+    shown = " | ".join(f"{key} {value:.4f}" for key, value in record.items() if key.startswith(("train_", "val_")))
+    line = f"step {record['step']}/{total_steps} | {shown}"
+    return line + ("\nsample:\n    " + sample.replace("\n", "\n    ") if sample else "")
+
+
+def final_metrics(progress):
+    """The metrics file's entries: the last evaluation's metrics, then the run's record."""
+    last = progress.evaluations[-1] if progress.evaluations else {}
+    return {**{key: value for key, value in last.items() if key.startswith(("train_", "val_"))},
+            "best_val_loss": progress.best_val_loss, "steps": progress.step, "tokens_seen": progress.tokens_seen,
+            "sample": progress.last_sample, "evaluations": progress.evaluations}
+
+
+def write_reports(out, progress, extra_metrics=None):
+    """The metrics file and the loss plot beside the checkpoint `out`; returns the metrics."""
+    metrics = {**final_metrics(progress), **(extra_metrics or {})}
+    write_metrics(out, metrics)
+    plot_training(plot_path(out), progress.step_losses, progress.evaluations)
+    return metrics
+
+
 def write_metrics(out, metrics):
     """`<checkpoint>.metrics.json`, written atomically."""
     atomic_write_text(metrics_path(out), json.dumps(metrics, indent=2))

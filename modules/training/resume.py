@@ -4,13 +4,42 @@ Besides the weights: the optimizer's moments, the GradScaler's scale, the random
 dropout masks are those an uninterrupted run would draw), and the run's progress. The batches and the
 learning rate need nothing more: they follow from the seed, the step number and the planned steps.
 """
-from dataclasses import asdict
+import math
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..checkpoint import read_checkpoint
 from ..errors import UserError
 from ..lora import lora_state_dict
+
+
+@dataclass
+class Progress:
+    """How far a run has got and what it measured: the loop's state besides the weights and the
+    optimizer's."""
+
+    step: int = 0
+    planned_steps: int | None = None  # with --max-time: the steps that fit, planned again as the run goes
+    warmup_steps: int | None = None  # fixed by the first plan
+    seconds_used: float = 0.0  # of --max-time, evaluations included
+    evaluation_seconds: float | None = None  # --max-time: what an evaluation takes, as last measured
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    step_losses: list = field(default_factory=list)  # (step, tokens seen, training loss) of every step
+    evaluations: list = field(default_factory=list)  # one dict per evaluation
+    last_sample: str | None = None  # the task's sample text at the last evaluation
+
+
+def resumed_progress(saved, path, step_limit):
+    """The Progress of a restored state's `saved` dict; a UserError when the run has no step left."""
+    progress = Progress(**saved)
+    progress.step_losses = [tuple(entry) for entry in progress.step_losses]
+    if progress.step >= (progress.planned_steps or step_limit):
+        done = (f"the {progress.step} steps its --max-time planned; start a new run to train further"
+                if progress.planned_steps else f"{progress.step} steps; raise --max-steps or --epochs to continue")
+        raise UserError(f"{path} has already trained {done}")
+    return progress
 
 
 def train_state(model, optimizer, scaler, progress, data_signature, device):

@@ -14,7 +14,7 @@ from ..errors import UserError, check_flag
 from ..speed.precision import DTYPES
 
 LR_SCHEDULES = ("cosine", "constant")
-PARALLEL_CHOICES = ("ddp", "fsdp")  # modules/training/sharding.py for fsdp
+PARALLEL_CHOICES = ("ddp", "fsdp")  # modules/training/parallel.py and fsdp.py
 
 
 def setting(default, help, *, valid=None, must_be=None, choices=None, metavar=None):
@@ -42,8 +42,9 @@ class TrainingSettings:
     max_steps: int | None = setting(None, "optimizer steps to run; wins over --epochs", valid=at_least_one,
                                     must_be=">= 1")
     max_time: float | None = setting(
-        None, "train for this long (start-up excluded), at most --max-steps or --epochs: the steps that fit are "
-              "planned before the first one, for the learning-rate schedule", valid=positive, must_be="> 0 seconds",
+        None, "train for this long (start-up excluded), at most --max-steps or --epochs: the steps that fit, and the "
+              "learning-rate schedule's end, are planned before the first step and again every few steps from the "
+              "measured pace", valid=positive, must_be="> 0 seconds",
         metavar="SECONDS")
     batch_size: int = setting(8, "samples per optimizer step, summed over all processes (default: %(default)s)",
                               valid=at_least_one, must_be=">= 1")
@@ -67,6 +68,9 @@ class TrainingSettings:
                                  "CPU computes it natively (AMX, AVX512-BF16), else float32 (default: %(default)s)",
                          choices=DTYPES)
     compile: bool = setting(False, "torch.compile the model (faster steps on a GPU, slow start)")
+    compile_loss: bool | None = setting(None, "torch.compile the loss: fuses the softmax over the vocabulary, at the "
+                                              "cost of a compile at the start (default: on for cpu and cuda, where it "
+                                              "was measured faster, off elsewhere; modules/speed/compilation.py)")
     parallel: str = setting("ddp", "how the processes of a torchrun share the work: ddp keeps the whole model, its "
                                    "gradients and optimizer state in each; fsdp shards them across the processes, "
                                    "for models that one device cannot hold (default: %(default)s)",
@@ -120,7 +124,7 @@ def add_training_args(parser, **defaults):
         help_text = meta["help"]
         if setting_field.name == "max_time" and default_max_time:
             help_text += f" (default: {default_max_time:g} unless --max-steps is given)"
-        if setting_field.type is bool:  # --compile and --no-compile, so that a script's default True holds
+        if setting_field.type in (bool, bool | None):  # --compile and --no-compile: a script's default True holds
             group.add_argument(f"--{flag_name(setting_field)}", action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
             continue

@@ -1,4 +1,5 @@
 """TrainingTask: what a script trains, in the terms the training loop needs."""
+import torch
 from torch.utils.data import default_collate
 
 from ..loss import next_token_loss
@@ -19,6 +20,12 @@ class TrainingTask:
         """A list of samples -> a batch, a dict of tensors."""
         input_ids, targets = default_collate(samples)
         return {"input_ids": input_ids, "targets": targets}
+
+    def batch(self, dataset, indices, device):
+        """The samples `indices` of `dataset`, collated and moved to `device`."""
+        batch = self.collate([dataset[i] for i in indices])
+        return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+                for key, value in batch.items()}
 
     def logits_and_targets(self, model, batch):
         """What the loss compares: the model's logits for the batch and the batch's targets."""
