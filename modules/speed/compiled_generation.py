@@ -17,8 +17,9 @@ make that program fast (cpu_decode_step, CPU_OPTIONS):
   2,304 outputs of the product that reads it (which halved the speed).
 
 Dynamo checks every guard before each call, so a model that changed since a program was built (its dtype,
-int8 or LoRA layers, another model of the same shape) runs a program of its own, never another's; the
-guards cost GUARD_COST of a token (benchmarks/README.md, "Guards"). Compiling GPT-2 124M takes 20 to 30 s
+int8 or LoRA layers) runs a program of its own, never another's, whichever thread calls. The guards cost
+0.15 to 0.2 ms a call for GPT-2 124M's modules, 2% to 5% of a token (benchmarks/README.md, "The guards"):
+too little to skip them and lose that. Compiling GPT-2 124M takes 20 to 30 s
 on 2 cores; inductor keeps the program in COMPILE_CACHE, where a later process finds it (3 to 6 s). Where
 compiling fails (no C++ compiler, say), the eager step runs over the same cache, with one printed line.
 """
@@ -80,7 +81,8 @@ class CompiledDecoder:
         for uses its program: attending over more empty slots costs less than compiling again."""
         program = program or program_of(self.model)
         needed = cache_slots(tokens, self.model.config["context_size"])
-        return min((slots for built, batch, slots in self.ready
+        ready = tuple(self.ready)  # copied at once (in C): a build in another thread may add to it meanwhile
+        return min((slots for built, batch, slots in ready
                     if built == program and batch == batch_size and slots >= needed), default=None)
 
     def ready_or_build_in_background(self, batch_size, tokens):
