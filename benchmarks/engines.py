@@ -107,7 +107,7 @@ class TorchRunner:
 
 class Ours(TorchRunner):
     """This project's generation as the scripts run it: load_gpt2_from_hf, prepare_for_generation for the
-    dtype, generate (compiled: the decoding step compiled over a static KV cache)."""
+    dtype, generate (compiled: with a CompiledDecoder, the static KV cache and the compiled step)."""
 
     def __init__(self, folder, dtype, threads, compiled=False):
         super().__init__(threads)

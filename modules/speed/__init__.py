@@ -42,9 +42,9 @@ def add_generation_args(parser, compile_by_default=False):
                              "scale per row, made at load time, the rest as auto (default: %(default)s)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_by_default,
                         help="compile the decoding step over a static KV cache (half a minute for GPT-2 124M the "
-                             "first time; later processes find it in .cache/torch-compile/); on a 2-core AMD EPYC "
-                             "it generated one sequence 2.7x (float32) to 2.9x (bfloat16) as fast as the eager "
-                             "step (benchmarks/README.md; default: %(default)s)")
+                             "first time; later processes find it in .cache/torch-compile/); on 2-core AMD EPYCs "
+                             "it generated one sequence 2x to 3x as fast as the eager step (benchmarks/README.md; "
+                             "default: %(default)s)")
 
 
 def prepare_for_generation(model, dtype_name="auto"):

@@ -17,10 +17,12 @@ make that program fast (cpu_decode_step, CPU_OPTIONS):
   2,304 outputs of the product that reads it (which halved the speed).
 
 Dynamo checks every guard before each call, so a model that changed since a program was built (its dtype,
-int8 or LoRA layers, another model of the same shape) runs a program of its own, never another's; the
-guards cost GUARD_COST of a token (benchmarks/README.md, "Guards"). Compiling GPT-2 124M takes 20 to 30 s
-on 2 cores; inductor keeps the program in COMPILE_CACHE, where a later process finds it (3 to 6 s). Where
-compiling fails (no C++ compiler, say), the eager step runs over the same cache, with one printed line.
+int8 or LoRA layers) runs a program of its own, never another's, whichever thread calls. The guards cost
+0.15 to 0.2 ms a call for GPT-2 124M's modules, 1% to 5% of a token (benchmarks/README.md, "The guards"):
+too little to give up that safety for. Compiling GPT-2 124M takes 20 to 30 s on 2 cores; inductor keeps
+the program in COMPILE_CACHE, where a later process finds it (3 to 6 s). Where compiling fails (no C++
+compiler, or Dynamo's limit of 8 programs of one function in a process), the eager step runs over the
+same cache, with one printed line.
 """
 import os
 import sys
@@ -80,7 +82,8 @@ class CompiledDecoder:
         for uses its program: attending over more empty slots costs less than compiling again."""
         program = program or program_of(self.model)
         needed = cache_slots(tokens, self.model.config["context_size"])
-        return min((slots for built, batch, slots in self.ready
+        ready = tuple(self.ready)  # copied at once (in C): a build in another thread may add to it meanwhile
+        return min((slots for built, batch, slots in ready
                     if built == program and batch == batch_size and slots >= needed), default=None)
 
     def ready_or_build_in_background(self, batch_size, tokens):
@@ -139,11 +142,11 @@ class CompiledDecoder:
 
 
 def program_of(model):
-    """What a compiled step depends on besides the cache's shape: every module's class and every weight's
-    dtype, shape and device, hashed. model.to(torch.bfloat16), quantize_int8 or apply_lora change it, so
-    the decoder builds (or finds on disk) a program for the model as it is now rather than serving the
-    eager step while believing itself ready; Dynamo's guards would catch the change at the call anyway."""
-    modules = tuple((name, type(module)) for name, module in model.named_modules())
+    """What a compiled step depends on besides the cache's shape: every module's class and mode (train or
+    eval) and every weight's dtype, shape and device, hashed. model.to(torch.bfloat16), quantize_int8 or
+    apply_lora change it, so the decoder builds (or finds on disk) a program for the model as it is now
+    rather than believing itself ready; Dynamo's guards would catch the change at the call anyway."""
+    modules = tuple((name, type(module), module.training) for name, module in model.named_modules())
     tensors = tuple((name, tensor.dtype, tensor.shape, tensor.device)
                     for name, tensor in model.state_dict(keep_vars=True).items())
     return hash((modules, tensors))
