@@ -26,7 +26,8 @@ def train_args(corpus, config, out, *extra):
     # float32, a constant learning rate: a run cut at step 2 and resumed takes the steps of a whole one.
     return ["train.py", "--data", corpus, "--init", "scratch", "--config", config, "--out", out, "--batch-size", "4",
             "--micro-batch-size", "1", "--eval-batches", "2", "--eval-interval", "2", "--sample-tokens", "4",
-            "--lr", "1e-2", "--lr-schedule", "constant", "--warmup-steps", "0", "--dtype", "float32", *extra]
+            "--lr", "1e-2", "--lr-schedule", "constant", "--warmup-steps", "0", "--dtype", "float32", "--no-compile-loss",
+            *extra]
 
 
 def sharded_progress(out):
@@ -61,7 +62,7 @@ def test_the_fine_tuning_scripts_train_under_fsdp_with_lora_and_activation_check
                                         for i in range(1, 60)]))
     torchrun("fine_tune_instructional.py", "--data", instructions, "--init", "scratch", "--config", micro_config,
              "--out", tmp_path / "instruct.pt", "--batch-size", "4", "--eval-batches", "1", "--max-steps", "3",
-             "--max-time", "600", "--parallel", "fsdp", "--activation-checkpointing", "--lora-rank", "4")
+             "--max-time", "600", "--parallel", "fsdp", "--activation-checkpointing", "--lora-rank", "4", "--no-compile-loss")
     assert open_checkpoint(tmp_path / "instruct.pt", kinds=("instruct",)).metadata["step"] == 3  # merged: a plain model
     assert "test_loss" in json.loads((tmp_path / "instruct.metrics.json").read_text())
 

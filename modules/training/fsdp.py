@@ -58,7 +58,8 @@ from ..errors import UserError
 from ..files import atomic_write_text
 from ..lora import LoRALinear, has_lora
 from ..speed.precision import resolve_dtype
-from .parallel import DataParallel, OneProcess
+from .ddp import DataParallel
+from .parallel import OneProcess
 from .resume import check_data_signature, random_state, restore_random_state
 
 
