@@ -14,6 +14,8 @@ from modules.training.memory_plan import GB
 from modules.training.fsdp import read_train_state, sharded_state_path
 from tests.conftest import REPO, run_script
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 
 def torchrun(*args):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -129,6 +129,7 @@ def test_the_static_cache_length_comes_in_buckets():
     assert cache_slots(100, 32) == 32  # never more than the context
 
 
+@pytest.mark.slow
 def test_compiled_greedy_equals_eager(model):
     # One shape (batch 2, the context's 32 slots), compiled once for the whole test: about 30 s on 2 cores.
     batch, mask = padded_batch()
@@ -153,6 +154,7 @@ def test_the_decoding_steps_products_are_the_linear_layers():
         assert torch.equal(bfloat16_linear(bfloat16_rows), expected_bfloat16)
 
 
+@pytest.mark.slow
 def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(model):
     # Batch 1 is where the compiled step writes each product out (DecodingProducts): float32 and an
     # int8 copy of the same model compile graphs of their own in one process (the module types differ).
@@ -167,6 +169,7 @@ def test_compiled_batch_of_one_follows_the_eager_logits_in_float32_and_int8(mode
         assert compiled_decoding(prepared).is_ready(1, 21) and not compiled_decoding(prepared).failed
 
 
+@pytest.mark.slow
 def test_a_shorter_generation_takes_the_compiled_step_of_a_longer_one():
     # The app compiles for a 64-token prompt in the background; a 5-token prompt must not compile again.
     model = GPTModel({**GPT_CONFIGS["tiny"], "context_size": 1024, "num_layers": 1})

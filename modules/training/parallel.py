@@ -10,7 +10,7 @@ sharing the work answers the same questions:
     sum(tensor), max(tensor)  over all processes (maxima: of a list of floats)
     evaluation_chunks(count)  which of an evaluation's chunks this process runs, and which of them count
     sample(model, task)       the task's sample text, on the main process
-    full_model(model)         the whole model, on the main process: what the best checkpoint holds
+    save_checkpoint(...)      the whole model in one checkpoint file, written by the main process
     best_model(model, best)   the best checkpoint's weights, for the final evaluation
     save_resume_state / restore_resume_state   what --resume needs
 
@@ -137,7 +137,15 @@ class OneProcess:
     def sample(self, model, task):
         return task.sample(model) if self.process.is_main else None
 
+    def save_checkpoint(self, path, model, kind, **entries):
+        """The whole model as one checkpoint (modules/checkpoint.py), written by the main process; every
+        process calls it."""
+        model = self.full_model(model)
+        if self.process.is_main:
+            save_checkpoint(path, model, kind, **entries)
+
     def full_model(self, model):
+        """The whole model, on the main process."""
         return model
 
     def best_model(self, model, best):
