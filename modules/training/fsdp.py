@@ -39,6 +39,7 @@ previous state as `latest`, usable.
 
 This file is imported only for --parallel fsdp.
 """
+import math
 import shutil
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -97,7 +98,7 @@ class FullySharded(DataParallel):
     def evaluation_chunks(self, count):
         """Every forward pass gathers weights from all processes, so all run as many: one whose share is
         done evaluates the first chunk again, uncounted."""
-        rounds = -(-count // self.process.world_size) * self.process.world_size
+        rounds = math.ceil(count / self.process.world_size) * self.process.world_size
         return [(index if index < count else 0, index < count)
                 for index in range(self.process.rank, rounds, self.process.world_size)]
 
