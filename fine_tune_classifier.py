@@ -114,8 +114,9 @@ def parse_args(argv=None):
     use = parser.add_argument_group("classifying with a trained model")
     use.add_argument("--classify", nargs="+", metavar="TEXT", help="print the label and probability of each TEXT, then exit")
     use.add_argument("--checkpoint", type=Path, default=None, help="the classifier checkpoint for --classify (default: --out)")
+    # The loss is over two classes, not a vocabulary: compiling it would cost a compile and fuse nothing large.
     add_training_args(parser, epochs=5, batch_size=8, lr=5e-5, eval_interval=None, eval_batches=10,
-                      weight_decay=0.1, out="checkpoints/classifier.pt")
+                      weight_decay=0.1, compile_loss=False, out="checkpoints/classifier.pt")
     return parse_with_presets(parser, {"original": ORIGINAL}, argv)
 
 

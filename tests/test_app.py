@@ -16,6 +16,8 @@ from modules.speed import auto_dtype
 from modules.datasets.instructions import format_prompt
 from tests.app_helpers import app_model, CLASSIFIER_SETTINGS, ROOT, save_classifier, save_lm, start_app
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 
 def output_text(at):
     """The generated text, as the Markdown the app streamed."""

@@ -12,6 +12,8 @@ from modules.generation import stream_text
 from tests.app_helpers import (CHROMIUM, app_page, launch_chromium, open_inside_the_model, save_classifier, save_lm,
                                served_app)
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 # How long a step may wait: a 2-core machine busy with the server and two browsers can take tens of
 # seconds for what is otherwise instant.
 BROWSER_TIMEOUT_MS = 90_000

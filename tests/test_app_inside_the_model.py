@@ -12,6 +12,8 @@ from modules.generation import pick_next_token, sampling_logits
 from modules.inspection import inspect_prompt, prompt_token_ids
 from tests.app_helpers import app_model, CLASSIFIER_SETTINGS, CONFIG, save_classifier, save_lm, start_app
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 PROMPT = "Every effort moves you"
 DISTRIBUTIONS = ["model", "after temperature", "sampled from"]
 

@@ -28,6 +28,8 @@ from streamlit.proto.BackMsg_pb2 import BackMsg  # noqa: E402
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg  # noqa: E402
 from streamlit.proto.Alert_pb2 import Alert  # noqa: E402
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 SESSIONS = 20
 OPENS_INSIDE = 4  # every 4th session also opens "Inside the model"
 NEW_TOKENS = 16

@@ -10,6 +10,9 @@ import torch
 from benchmarks.bench_training import flops_per_token
 from modules import GPT_CONFIGS
 from modules.speed import auto_dtype
+import pytest
+
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
 
 REPO = Path(__file__).resolve().parents[1]
 

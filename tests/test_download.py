@@ -10,6 +10,8 @@ from modules.download import download_file
 from modules.errors import UserError
 from modules.pretrained import FILES, download_gpt2
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 DATA = bytes(range(256)) * 12_000  # 3 MB: several read chunks
 
 

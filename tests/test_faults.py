@@ -16,6 +16,8 @@ from tests.conftest import MICRO_CONFIG, REPO, run_script
 from modules import GPTModel
 from modules.checkpoint import open_checkpoint, read_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 
 def assert_clear_failure(result, *phrases):
     """Exit status 1, each phrase in the message, no traceback."""

@@ -19,6 +19,8 @@ from modules.files import atomic_write_text, exclusive_output
 from modules.results import ResumableResults
 from modules.training.reports import last_checkpoint_path, plot_path, plot_training, write_metrics
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = tmp_path / "out" / "a.json"

@@ -22,6 +22,8 @@ from modules.training.starting_model import initial_model
 from modules.training.interrupt import StopRequest
 from modules.datasets.sms_spam import balance, fetch_sms_spam, read_messages, split
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 SPAM_WORDS = "win prize cash claim free urgent reward".split()
 HAM_WORDS = "meeting lunch tomorrow see you later home".split()
 

@@ -23,6 +23,8 @@ from modules.training.optimizer import make_optimizer
 from modules.training.fsdp import load_sharded_state, read_train_state, save_sharded_state
 from modules.training.fsdp import gathered_model, shard_model
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 CONFIG = {"vocab_size": 101, "context_size": 16, "embedding_dim": 32, "num_heads": 2, "num_layers": 3,
           "drop_rate": 0.0, "qkv_bias": True}
 WORLD = 2

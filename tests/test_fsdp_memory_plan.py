@@ -8,6 +8,8 @@ from modules.lora import apply_lora
 from modules.model import GPTModel
 from modules.training.memory_plan import GB, RunShape, check_fits, plan_memory
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 CONFIG = {"vocab_size": 64, "context_size": 128, "embedding_dim": 128, "num_heads": 4, "num_layers": 2,
           "drop_rate": 0.0, "qkv_bias": True}
 

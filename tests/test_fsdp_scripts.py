@@ -14,6 +14,8 @@ from modules.training.memory_plan import GB
 from modules.training.fsdp import read_train_state, sharded_state_path
 from tests.conftest import REPO, run_script
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 
 def torchrun(*args):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -26,7 +28,8 @@ def train_args(corpus, config, out, *extra):
     # float32, a constant learning rate: a run cut at step 2 and resumed takes the steps of a whole one.
     return ["train.py", "--data", corpus, "--init", "scratch", "--config", config, "--out", out, "--batch-size", "4",
             "--micro-batch-size", "1", "--eval-batches", "2", "--eval-interval", "2", "--sample-tokens", "4",
-            "--lr", "1e-2", "--lr-schedule", "constant", "--warmup-steps", "0", "--dtype", "float32", *extra]
+            "--lr", "1e-2", "--lr-schedule", "constant", "--warmup-steps", "0", "--dtype", "float32", "--no-compile-loss",
+            *extra]
 
 
 def sharded_progress(out):
@@ -61,7 +64,7 @@ def test_the_fine_tuning_scripts_train_under_fsdp_with_lora_and_activation_check
                                         for i in range(1, 60)]))
     torchrun("fine_tune_instructional.py", "--data", instructions, "--init", "scratch", "--config", micro_config,
              "--out", tmp_path / "instruct.pt", "--batch-size", "4", "--eval-batches", "1", "--max-steps", "3",
-             "--max-time", "600", "--parallel", "fsdp", "--activation-checkpointing", "--lora-rank", "4")
+             "--max-time", "600", "--parallel", "fsdp", "--activation-checkpointing", "--lora-rank", "4", "--no-compile-loss")
     assert open_checkpoint(tmp_path / "instruct.pt", kinds=("instruct",)).metadata["step"] == 3  # merged: a plain model
     assert "test_loss" in json.loads((tmp_path / "instruct.metrics.json").read_text())
 

@@ -131,6 +131,7 @@ def test_the_static_cache_length_comes_in_buckets():
     assert cache_slots(100, 32) == 32  # never more than the context
 
 
+@pytest.mark.slow
 def test_compiled_greedy_equals_eager(model):
     # One shape (batch 2, the context's 32 slots), compiled once for the whole test: about 30 s on 2 cores.
     batch, mask = padded_batch()
@@ -160,6 +161,7 @@ def tolerance_of(model):
     return 1e-4 if model.token_embedding.weight.dtype == torch.float32 else 3e-2
 
 
+@pytest.mark.slow
 def test_a_compiled_decoder_whose_model_changes_builds_again_and_follows_the_eager_path():
     # Batch 1, where the compiled step writes each product out (DecodingProducts). The same decoder and model
     # object through every change a user makes: LoRA on one block only (the other blocks as they were),
@@ -188,6 +190,7 @@ def test_a_compiled_decoder_whose_model_changes_builds_again_and_follows_the_eag
     assert len(set(programs)) == len(changes)
 
 
+@pytest.mark.slow
 def test_two_models_of_one_shape_each_get_their_own_tokens():
     torch.manual_seed(2)
     config = {**GPT_CONFIGS["tiny"], "context_size": 32, "num_layers": 2}
@@ -205,6 +208,7 @@ def test_a_decoder_refuses_another_model_in_one_line():
         generate(GPTModel(config), torch.zeros(1, 2, dtype=torch.long), 3, decoder=decoder)
 
 
+@pytest.mark.slow
 def test_a_shorter_generation_takes_the_compiled_step_of_a_longer_one():
     # The app compiles for a 64-token prompt in the background; a 5-token prompt must not compile again.
     model = GPTModel({**GPT_CONFIGS["tiny"], "context_size": 1024, "num_layers": 1})

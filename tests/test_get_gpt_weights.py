@@ -18,6 +18,8 @@ pytest.importorskip("tensorflow")
 from tests.openai_layout import (  # noqa: E402
     gpt2_tensors_from_transformers, hparams_from_transformers, write_openai_checkpoint)
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 ROOT = Path(__file__).resolve().parents[1]
 # (vocab, context, embedding, heads, layers): GPT-2's real vocabulary, and an odd small one.
 SHAPES = {"gpt2-vocab": (50257, 32, 16, 2, 2), "small-vocab": (300, 64, 48, 4, 3)}

@@ -11,6 +11,8 @@ from modules.inspection import inspect_prompt, prompt_token_ids, sampling_probab
 from modules.loss import next_token_loss
 from modules.tokenizer import END_OF_TEXT_ID, encode
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 
 @pytest.fixture(scope="module")
 def model():

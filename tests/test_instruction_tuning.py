@@ -18,6 +18,8 @@ from modules.datasets.instructions import split_instruction_data
 from modules.judge import parse_score
 from modules.lora import apply_lora
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 
 

@@ -9,6 +9,8 @@ from modules.datasets.instructions import (IGNORE_INDEX, InstructionDataset, col
                                            format_prompt, load_instruction_data, split_instruction_data)
 from modules.tokenizer import END_OF_TEXT_ID, get_tokenizer
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 
 def test_prompt_has_input_section_only_when_there_is_an_input():
     with_input = format_prompt({"instruction": "Translate.", "input": "Hallo", "output": "Hello"})

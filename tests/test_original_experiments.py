@@ -14,6 +14,8 @@ from modules.datasets.instructions import split_instruction_data
 from modules.datasets.sms_spam import balance, read_messages, split
 from tests.conftest import SHARED_DATA
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 
 def in_process(monkeypatch, script, *args):
     """Run a script's main() here, as `python script.py args` would."""

@@ -12,6 +12,8 @@ from modules.datasets.instructions import format_input, format_prompt
 from modules.judge import ask_judge, judge_prompt
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 ORIGINAL = REPO.parent / "shared" / "original"
 
 # utils.py lines 22-26 (format_input): the header, then the instruction.

@@ -29,6 +29,8 @@ from modules.pretrained import load_gpt2, load_gpt2_from_hf
 from modules.results import ResumableResults
 from gpt_eval import load_responses
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 EXAMPLES = settings(max_examples=40, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FEW_EXAMPLES = settings(EXAMPLES, max_examples=15)

@@ -14,6 +14,8 @@ from modules.speed import generation_dtype, prepare_for_generation
 from modules.speed.int8 import Int8Linear, Int8WordsLinear
 from tests.conftest import REPO, run_script
 
+pytestmark = pytest.mark.slow  # not in the quick tier (python -m pytest -m "not slow")
+
 CONFIG = {**GPT_CONFIGS["tiny"], "num_layers": 2, "context_size": 32}
 
 

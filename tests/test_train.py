@@ -16,6 +16,7 @@ def micro_train_args(corpus, config, out, *extra):
             "--batch-size", "4", "--eval-batches", "2", "--sample-tokens", "0", "--no-compile-loss", *extra]
 
 
+@pytest.mark.slow
 def test_defaults_shortened_produce_checkpoint_plot_metrics_and_falling_loss(tmp_path):
     out = tmp_path / "pretrained.pt"
     result = run_script("train.py", "--max-steps", "20", "--eval-interval", "10", "--eval-batches", "2", "--out", out)
@@ -89,6 +90,7 @@ def test_folder_and_bin_inputs(tmp_path, small_corpus):
     assert load_tokens(binary).tolist() == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_corpus_smaller_than_a_context_says_how_much_is_needed(tmp_path, micro_config):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("Too short.")
@@ -97,6 +99,7 @@ def test_corpus_smaller_than_a_context_says_how_much_is_needed(tmp_path, micro_c
     assert "too few for a context of 32" in result.stderr and "needs at least" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_and_resume_without_checkpoint(tmp_path, small_corpus, micro_config):
     result = run_script("train.py", "--data", tmp_path / "nope.txt", check=False)
     assert result.returncode == 1 and "nope.txt does not exist" in result.stderr
@@ -126,6 +129,7 @@ def test_bits_per_byte_of_a_model_that_knows_nothing_is_log2_of_the_vocabulary_p
     assert bits / text_bytes == pytest.approx(targets.numel() * math.log2(50257) / text_bytes)
 
 
+@pytest.mark.slow
 def test_the_sample_is_drawn_with_a_fixed_seed_and_lands_in_the_metrics(tmp_path, small_corpus, micro_config):
     out = tmp_path / "m.pt"
     run_script(*micro_train_args(small_corpus, micro_config, out, "--max-steps", "2", "--sample-tokens", "12"))
@@ -166,6 +170,7 @@ def test_the_time_budget_holds_when_the_machine_gets_twice_as_fast_or_as_slow_mi
     assert 0.8 * 160 <= now <= 160 + 15, (now, step)
 
 
+@pytest.mark.slow
 def test_resume_under_max_time_keeps_the_plan_and_repeats_the_losses(tmp_path, small_corpus, micro_config, monkeypatch):
     import itertools
 
@@ -202,6 +207,7 @@ def test_learning_rate_warms_up_then_decays_or_stays():
     assert learning_rate_factor(99, 4, 100, "constant") == 1.0 == learning_rate_factor(4, 0, 100, "constant")
 
 
+@pytest.mark.slow
 def test_bfloat16_training_follows_float32(tmp_path, small_corpus, micro_config):
     # Autocast computes the matrix products in bfloat16 (3 significant digits) and the loss in float32:
     # the run must learn as the float32 one does, its losses within a few percent all the way.

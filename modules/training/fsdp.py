@@ -39,6 +39,7 @@ previous state as `latest`, usable.
 
 This file is imported only for --parallel fsdp.
 """
+import math
 import shutil
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -58,7 +59,8 @@ from ..errors import UserError
 from ..files import atomic_write_text
 from ..lora import LoRALinear, has_lora
 from ..speed.precision import resolve_dtype
-from .parallel import DataParallel, OneProcess
+from .ddp import DataParallel
+from .parallel import OneProcess
 from .resume import check_data_signature, random_state, restore_random_state
 
 
@@ -96,7 +98,7 @@ class FullySharded(DataParallel):
     def evaluation_chunks(self, count):
         """Every forward pass gathers weights from all processes, so all run as many: one whose share is
         done evaluates the first chunk again, uncounted."""
-        rounds = -(-count // self.process.world_size) * self.process.world_size
+        rounds = math.ceil(count / self.process.world_size) * self.process.world_size
         return [(index if index < count else 0, index < count)
                 for index in range(self.process.rank, rounds, self.process.world_size)]
 

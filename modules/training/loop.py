@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import read_checkpoint, save_checkpoint
+from ..checkpoint import read_checkpoint
 from ..files import exclusive_output
 from ..speed.compilation import loss_compilation
 from ..speed.memory import keep_freed_memory
@@ -222,9 +222,7 @@ class Trainer:
         self.say(describe_evaluation(record, self.total_steps, sample))
         if record["val_loss"] < self.progress.best_val_loss:
             self.progress.best_val_loss = record["val_loss"]
-            best = self.parallel.full_model(self.model)  # every process takes part; the main one writes
-            if self.process.is_main:
-                save_checkpoint(self.settings.out, best, self.task.kind, **self.checkpoint_entries())
+            self.parallel.save_checkpoint(self.settings.out, self.model, self.task.kind, **self.checkpoint_entries())
         if self.budget:
             self.budget.evaluated(time.perf_counter() - started)
             self.progress.seconds_used, self.progress.evaluation_seconds = self.budget.seconds_used(), self.budget.evaluation_seconds

@@ -10,12 +10,12 @@ sharing the work answers the same questions:
     sum(tensor), max(tensor)  over all processes (maxima: of a list of floats)
     evaluation_chunks(count)  which of an evaluation's chunks this process runs, and which of them count
     sample(model, task)       the task's sample text, on the main process
-    full_model(model)         the whole model, on the main process: what the best checkpoint holds
+    save_checkpoint(...)      the whole model in one checkpoint file, written by the main process
     best_model(model, best)   the best checkpoint's weights, for the final evaluation
     save_resume_state / restore_resume_state   what --resume needs
 
-OneProcess answers them for one process, DataParallel for DDP (each process a whole copy of the model),
-and FullySharded (fsdp.py, imported only for --parallel fsdp) for FSDP2.
+OneProcess answers them for one process; DataParallel (ddp.py) for DDP, each process a whole copy of the
+model; FullySharded (fsdp.py) for FSDP2. Each is imported only by a run that uses it.
 """
 import os
 from contextlib import contextmanager, nullcontext
@@ -95,7 +95,10 @@ def choose_parallelism(settings, process):
     if settings.parallel == "fsdp":
         from .fsdp import FullySharded  # FSDP and torch.distributed.checkpoint only where asked for
         return FullySharded(process, settings)
-    return (DataParallel if process.world_size > 1 else OneProcess)(process, settings)
+    if process.world_size > 1:
+        from .ddp import DataParallel
+        return DataParallel(process, settings)
+    return OneProcess(process, settings)
 
 
 class OneProcess:
@@ -134,7 +137,15 @@ class OneProcess:
     def sample(self, model, task):
         return task.sample(model) if self.process.is_main else None
 
+    def save_checkpoint(self, path, model, kind, **entries):
+        """The whole model as one checkpoint (modules/checkpoint.py), written by the main process; every
+        process calls it."""
+        model = self.full_model(model)
+        if self.process.is_main:
+            save_checkpoint(path, model, kind, **entries)
+
     def full_model(self, model):
+        """The whole model, on the main process."""
         return model
 
     def best_model(self, model, best):
@@ -159,31 +170,3 @@ class OneProcess:
         """Put the last checkpoint's weights, optimizer and random state in place; returns its progress dict."""
         return restore_train_state(self.resume_path(), trainer.task.kind, trainer.model, trainer.optimizer,
                                    trainer.scaler, trainer.data_signature, self.process.device)
-
-
-class DataParallel(OneProcess):
-    """DDP: every process holds the whole model and trains on its share of each batch; the gradients are
-    averaged across processes during the backward pass of a step's last micro-batch."""
-
-    memory_strategy = "ddp"
-
-    def prepare(self, model):
-        model, training_model = super().prepare(model)
-        device_ids = [self.process.device.index] if self.process.device.type == "cuda" else None
-        return model, torch.nn.parallel.DistributedDataParallel(training_model, device_ids=device_ids)
-
-    def gradient_sync(self, training_model, last):
-        """Averaging after every micro-batch would send the gradients once per micro-batch for nothing."""
-        return nullcontext() if last else training_model.no_sync()
-
-    def sum(self, tensor):
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-        return tensor
-
-    def max(self, tensor):
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
-        return tensor
-
-    def evaluation_chunks(self, count):
-        """Every world_size-th chunk, from this process's rank."""
-        return [(index, True) for index in range(self.process.rank, count, self.process.world_size)]

@@ -1,7 +1,8 @@
 """The schedule of a run: what each optimizer step trains on, at which learning rate, and how many steps fit.
 
-Everything here follows from the settings and the step number alone, so resuming at step n, or running
-on another number of processes, trains on the same samples at the same learning rates.
+Each step's samples and learning rate follow from the settings, the step number and the planned steps
+(saved with the training state), so resuming at step n, or running on another number of processes,
+trains on the same samples at the same learning rates.
 
 Samples: `batch_size` is the global batch of one optimizer step. Each epoch is a permutation of the
 training set drawn from the seed and the epoch number, cut into batches in order; each process takes every

@@ -69,8 +69,8 @@ class TrainingSettings:
                          choices=DTYPES)
     compile: bool = setting(False, "torch.compile the model (faster steps on a GPU, slow start)")
     compile_loss: bool | None = setting(None, "torch.compile the loss: fuses the softmax over the vocabulary, at the "
-                                              "cost of a compile at the start (default: on for cpu and cuda, where it "
-                                              "was measured faster, off elsewhere; modules/speed/compilation.py)")
+                                              "cost of a compile at the start (default: a script's own, else on for cpu "
+                                              "and cuda, where it was measured faster; modules/speed/compilation.py)")
     parallel: str = setting("ddp", "how the processes of a torchrun share the work: ddp keeps the whole model, its "
                                    "gradients and optimizer state in each; fsdp shards them across the processes, "
                                    "for models that one device cannot hold (default: %(default)s)",
