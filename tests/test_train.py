@@ -78,6 +78,13 @@ def test_a_run_of_one_process_imports_only_what_it_runs(tmp_path, small_corpus, 
         assert unused not in loaded, unused
 
 
+def test_the_gpt2_sizes_init_knows_are_those_openai_published():
+    from modules.pretrained import MODEL_SIZES
+    from modules.training.starting_model import GPT2_SIZES
+
+    assert GPT2_SIZES == MODEL_SIZES  # written twice so that a run from scratch imports no download code
+
+
 def test_token_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, small_corpus):
     tokens = load_tokens(small_corpus)
     cache = small_corpus.with_name("corpus.txt.tokens.bin")
