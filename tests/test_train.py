@@ -67,6 +67,24 @@ def test_a_few_steps_in_this_process_lower_the_loss_and_write_the_reports(tmp_pa
     assert read_checkpoint(out)["step"] in (3, 6)
 
 
+@pytest.mark.slow
+def test_a_run_of_one_process_imports_only_what_it_runs(tmp_path, small_corpus, micro_config):
+    script, *args = map(str, micro_train_args(small_corpus, micro_config, tmp_path / "m.pt", "--max-steps", "1"))
+    code = "import sys, train; train.main(sys.argv[1:]); print(*sorted(name for name in sys.modules if name.startswith('modules')))"
+    loaded = run_script("-c", code, *args).stdout.split()
+    assert "modules.training.loop" in loaded
+    for unused in ("modules.training.ddp", "modules.training.fsdp", "modules.training.activation_checkpointing",
+                   "modules.speed.int8", "modules.speed.compiled_generation", "modules.download", "modules.pretrained"):
+        assert unused not in loaded, unused
+
+
+def test_the_gpt2_sizes_init_knows_are_those_openai_published():
+    from modules.pretrained import MODEL_SIZES
+    from modules.training.starting_model import GPT2_SIZES
+
+    assert GPT2_SIZES == MODEL_SIZES  # written twice so that a run from scratch imports no download code
+
+
 def test_token_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, small_corpus):
     tokens = load_tokens(small_corpus)
     cache = small_corpus.with_name("corpus.txt.tokens.bin")

@@ -101,7 +101,7 @@ class TimeBudget:
         self.clock, self.slowest = clock, slowest
         self.started = clock() - seconds_used
         self.window_start, self.window_steps, self.window_evaluation_seconds = clock(), 0, 0.0
-        self.evaluation_seconds = evaluation_seconds
+        self.evaluation_seconds = evaluation_seconds or 0.0  # unknown in a state saved before it was kept
 
     def seconds_used(self):
         return self.clock() - self.started
