@@ -8,7 +8,7 @@ and backward: zeros, scatter, log-softmax's gradient); torch.compile fuses them.
 (AMX) the loss of 2,048 x 50,257 bfloat16 logits took 505 ms forward and backward, 155 ms compiled, and a
 step of train.py's model (4 layers, 256 wide, batch 4 x 256) 261 ms against 207; it saved 68% of the
 loss's time on a 2-core AMD EPYC. Compiling costs time once (about 30 s on 2 cores with empty caches, a
-few seconds once TorchInductor's cache holds it) and needs a C++ compiler on the CPU: --no-compile-loss
+few seconds once TorchInductor's cache, .cache/torch-compile, holds it) and needs a C++ compiler on the CPU: --no-compile-loss
 for a short run or a machine without one.
 
 Compiling the whole model fuses its element-wise work (GELU, dropout, residual additions) into the matrix
@@ -18,6 +18,8 @@ Intel Xeon: 2,514 against 2,523 tokens/s, `python -m benchmarks.bench_training -
 So it is left to the user: --compile, for the GPU.
 """
 import torch
+
+from ..caches import use_compile_cache
 
 # --compile-loss's default on each kind of device, and why.
 LOSS_COMPILED_BY_DEFAULT = {
@@ -32,6 +34,8 @@ def loss_compilation(flag, device):
     device's default)."""
     default, reason = LOSS_COMPILED_BY_DEFAULT.get(torch.device(device).type, (False, "not measured there"))
     compiled = default if flag is None else flag
+    if compiled and use_compile_cache() is None:  # inductor writes what it builds: nowhere, nothing compiles
+        return False, "loss: eager (no folder for compiled programs can be written)"
     how = f"the default on {torch.device(device).type}: {reason}" if flag is None else "as asked"
     return compiled, f"loss: {'compiled' if compiled else 'eager'} ({how}; --{'no-' if compiled else ''}compile-loss for the other)"
 

@@ -35,10 +35,13 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from ..caches import use_compile_cache
 from ..errors import UserError
 from ..inference import activation_device_and_dtype, attention_mask_for, token_positions
 
-COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch-compile"
+# Where inductor keeps the programs it builds: the project's .cache/torch-compile, or where it can write
+# (modules/caches.py). Chosen on import: inductor fixes its folder the first time anything asks.
+COMPILE_CACHE = use_compile_cache()
 SLOT_BUCKETS = (128, 256, 384, 512, 768, 1024)
 CPU_OPTIONS = {"realize_acc_reads_threshold": 1}
 
@@ -281,19 +284,10 @@ def report(line):
     print(line, file=sys.stderr, flush=True)
 
 
-def use_project_compile_cache():
-    """Point inductor's on-disk caches at COMPILE_CACHE, unless the user chose a folder
-    (TORCHINDUCTOR_CACHE_DIR). Done on import: inductor fixes its folder the first time anything asks."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
-
-
-use_project_compile_cache()
-
-
 def cache_folder():
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", COMPILE_CACHE))
 
 
 def cached_files():
     """The files in inductor's cache: a compilation adds some, finding it all on disk adds none."""
-    return {path for path in cache_folder().rglob("*") if path.is_file()}
+    return {path for path in cache_folder().rglob("*") if path.is_file()} if COMPILE_CACHE else set()
