@@ -1,5 +1,5 @@
-import contextlib
 import copy
+import threading
 
 import pytest
 import torch
@@ -12,6 +12,13 @@ from modules.lora import LORA_TARGETS, LoRALinear
 from modules.speed import CompiledDecoder, prepare_for_generation
 from modules.speed.compiled_generation import DecodingProducts, cache_slots, program_of
 from modules.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def no_compiled_programs_yet():
+    """Dynamo keeps at most 8 programs of one function in a process (past them the decoder falls back to
+    the eager step): each test starts with none, whatever the tests before it compiled."""
+    torch.compiler.reset()
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +206,31 @@ def test_two_models_of_one_shape_each_get_their_own_tokens():
     for model in (first, second, first):
         assert torch.equal(generate(model, prompt, 20, decoder=CompiledDecoder(model)), generate(model, prompt, 20))
     assert not torch.equal(generate(first, prompt, 20), generate(second, prompt, 20))
+
+
+def test_threads_generating_while_another_thread_compiles_get_the_eager_tokens():
+    # The app's sessions: six threads on the built 128-slot step while a seventh compiles the 256-slot one
+    # (a longer answer). Every guard is checked at every call, so no thread runs another's program.
+    torch.manual_seed(3)
+    model = GPTModel({**GPT_CONFIGS["tiny"], "context_size": 256, "num_layers": 1}).eval()
+    decoder = CompiledDecoder(model)
+    prompts = [torch.randint(0, 50257, (1, 5)) for _ in range(6)]
+    generate(model, prompts[0], 20, decoder=decoder)  # builds the 128-slot step
+    results = {}
+
+    def answer(name, prompt, new_tokens):
+        results[name] = generate(model, prompt, new_tokens, decoder=decoder)
+
+    threads = [threading.Thread(target=answer, args=("long", prompts[0], 200))]
+    threads += [threading.Thread(target=answer, args=(index, prompt, 20)) for index, prompt in enumerate(prompts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, prompt in enumerate(prompts):
+        assert torch.equal(results[index], generate(model, prompt, 20)), index
+    assert torch.equal(results["long"], generate(model, prompts[0], 200))
+    assert decoder.ready_slots(1, 205) == 256 and not decoder.failed
 
 
 def test_a_decoder_refuses_another_model_in_one_line():
