@@ -41,7 +41,7 @@ def write_cache(path, write, what, required=False):
         except WriteRefused as refused:
             first_refusal = first_refusal or refused
             continue
-        if location != cache_paths(path)[0]:
+        if first_refusal:
             note(f"{what} could not be cached in {first_refusal.path.parent} ({first_refusal.os_error.strerror}); "
                  f"cached in {location.parent} instead")
         return location

@@ -19,11 +19,12 @@ def evaluate(task, model, dataset, samples, micro_batch, parallel, autocast, dev
     sums = {name: [0.0, 0] for name in task.metric_names}
     for chunk, counted in parallel.evaluation_chunks(math.ceil(samples / micro_batch)):
         start = chunk * micro_batch
-        with autocast:
+        with autocast:  # every process runs its chunks, counted or not: FSDP's forward pass needs them all
             metrics = task.metrics(model, task.batch(dataset, range(start, min(samples, start + micro_batch)), device))
-        for name, (total, count) in metrics.items() if counted else ():
-            sums[name][0] += total
-            sums[name][1] += count
+        if counted:
+            for name, (total, count) in metrics.items():
+                sums[name][0] += total
+                sums[name][1] += count
     model.train(was_training)
     packed = parallel.sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device))
     return {name: (total / count if count else math.nan) for name, (total, count) in zip(sums, packed.tolist())}

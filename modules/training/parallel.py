@@ -5,9 +5,9 @@ Under torchrun every process runs the whole script; RANK, WORLD_SIZE and LOCAL_R
 which one it is, and the processes join one group (NCCL between GPUs, gloo between CPUs). Each way of
 sharing the work answers the same questions:
 
-    prepare(model, settings)  the model on this process's device, and the model the steps run (wrapped)
+    prepare(model)            the model on this process's device, and the model the steps run (wrapped)
     gradient_sync(model, last) whether this micro-batch's backward pass exchanges gradients (the last one)
-    sum(tensor), max(tensor)  over all processes (maxima: of a list of floats)
+    sum(tensor), max(tensor)  over all processes; maxima(values) of a list of floats
     evaluation_chunks(count)  which of an evaluation's chunks this process runs, and which of them count
     sample(model, task)       the task's sample text, on the main process
     save_checkpoint(...)      the whole model in one checkpoint file, written by the main process
